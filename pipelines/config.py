@@ -1,0 +1,102 @@
+"""Method configs: pydantic models, loaded from YAML with ``--set key=value`` overrides.
+
+Every method module defines a subclass of :class:`MethodConfig`; unknown keys, wrong types and
+out-of-range values raise :class:`UserError` with a one-line message.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.errors import UserError
+
+
+class MethodConfig(BaseModel):
+    """Settings every pipeline shares: seeding and how Ray Train scales it."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    seed: int = Field(0, ge=0, description="base seed of the run")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = Train local mode)")
+    use_gpu: bool = Field(False, description="one GPU per Train worker")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(1, ge=0, description="worker-group restarts before the run fails")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between Train checkpoints")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["a=1", "b.c=[1, 2]"]`` -> ``{"a": 1, "b": {"c": [1, 2]}}``; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key=value, got {pair!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {key}: cannot parse {raw!r} ({exc.problem})") from None
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {part!r} is set to a value and used as a section")
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a YAML mapping safely; errors name the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming each bad field, e.g. ``keep_fractions.0: Input should be less than 1 (got 1.5)``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        got = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+        parts.append(f"{loc}: {msg}{got}")
+    return "; ".join(parts)
+
+
+def build_config(model: type[MethodConfig], raw: dict[str, Any], what: str = "config") -> MethodConfig:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"invalid {what}: {describe_validation_error(exc)}") from None
+
+
+def load_config(model: type[MethodConfig], path: str | Path | None = None,
+                sets: list[str] | None = None, base: dict[str, Any] | None = None) -> MethodConfig:
+    """Defaults < ``base`` (e.g. a reproduce profile) < YAML file < ``--set`` overrides."""
+    raw = dict(base or {})
+    if path is not None:
+        raw = _merge(raw, read_yaml(path))
+    raw = _merge(raw, parse_overrides(sets or []))
+    return build_config(model, raw)

@@ -1,0 +1,44 @@
+"""Connecting to Ray: an embedded local instance by default, or a running cluster."""
+from __future__ import annotations
+
+import os
+
+from pipelines.errors import UserError
+
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Train V2 workers block on each report until the controller polls (default every 2 s);
+    # a checkpoint every epoch needs a faster poll, as Ray's own Train tests use.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Attach to ``address`` (or ``RAY_ADDRESS``, as inside ``ray job submit``); else start local Ray.
+
+    A local instance binds its dashboard (which also serves the State API that Train's placement-group
+    cleaner polls) to 127.0.0.1 and never attaches to a stale cluster (``address="local"``). Does
+    nothing when Ray is already initialised in this process.
+    """
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise UserError(f"--address takes a Ray cluster address (HOST:6379, ray://HOST:10001 or auto), "
+                        f"not the jobs URL {address!r}; use that one with `ray job submit`")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2),
+                 include_dashboard=True, dashboard_host="127.0.0.1",
+                 object_store_memory=512 * 1024**2)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False

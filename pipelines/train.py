@@ -1,0 +1,113 @@
+"""A thin layer over Ray Train's ``TorchTrainer``.
+
+Driver side: :func:`fit` builds ``ScalingConfig`` / ``RunConfig`` from the method config, with a
+deterministic run name under the run's storage so that re-running with the same out dir resumes
+from the latest checkpoint. Worker side: :class:`WorkerSession` restores the latest state and
+reports metrics with a checkpoint (rank 0 writes it, every rank reports).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+from pipelines.config import MethodConfig
+
+STATE_FILE = "state.pt"
+
+
+def fit(loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: MethodConfig, *, name: str,
+        storage: str | None, datasets: dict | None = None, callbacks: list | None = None):
+    """Run ``loop`` on ``cfg.num_workers`` Train workers; return the ``Result`` (raises on failure)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=callbacks),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()
+
+
+def read_state(checkpoint) -> dict | None:
+    """The state dict saved in a Train checkpoint (tensors and plain containers only)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+class WorkerSession:
+    """Per-worker view of the run: rank, device, the restored state, and reporting."""
+
+    def __init__(self, checkpoint_every: int = 1):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.checkpoint_every = checkpoint_every
+        self.state = read_state(ray.train.get_checkpoint())
+        self._reports = 0
+        quiet_console("ray.train")
+
+    @property
+    def resumed(self) -> bool:
+        return self.state is not None
+
+    def report(self, metrics: dict[str, Any], state: dict | None = None, *, force: bool = False) -> None:
+        """Every rank reports; rank 0 attaches ``state`` as a checkpoint every ``checkpoint_every`` calls."""
+        import ray.train
+
+        self._reports += 1
+        due = state is not None and (force or self._reports % self.checkpoint_every == 0)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if due and self.rank == 0:
+                torch.save(state, os.path.join(tmp, STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Concatenate per-rank tensors (e.g. per-example scores of each shard) on every rank."""
+        if self.world_size == 1:
+            return tensors
+        import torch.distributed as dist
+
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, {k: v.cpu() for k, v in tensors.items()})
+        return {k: torch.cat([p[k] for p in parts]) for k in tensors}
+
+
+def quiet_console(logger_name: str) -> None:
+    """Keep a logger's per-report INFO lines in its log file, out of the console."""
+    from ray._private.log import PlainRayHandler
+
+    for handler in logging.getLogger(logger_name).handlers:
+        if isinstance(handler, PlainRayHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def prepare(model: torch.nn.Module) -> torch.nn.Module:
+    """Move to the worker's device and wrap in DDP when there are several workers."""
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
