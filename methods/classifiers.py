@@ -1,7 +1,7 @@
 """Small image classifiers and their plain training loop, shared by the methods that train one."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +29,24 @@ def build_classifier(arch: Arch, input_shape: tuple[int, ...], num_classes: int,
     )
 
 
+Perturb = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-                batch_size: int, generator: torch.Generator) -> float:
-    """One pass of mini-batch SGD on cross-entropy in a seeded random order; returns the mean loss."""
+                batch_size: int, generator: torch.Generator, perturb: Perturb | None = None) -> float:
+    """One pass of mini-batch SGD on cross-entropy in a seeded random order; returns the mean loss.
+
+    ``perturb(model, x, y)`` replaces each batch before the step, e.g. by PGD examples for
+    adversarial training: min_θ E max_{‖δ‖≤ε} CE(f(x + δ), y).
+    """
     model.train()
     order = torch.randperm(len(x), generator=generator).to(x.device)
     total = 0.0
     for start in range(0, len(x), batch_size):
         batch = order[start:start + batch_size]
+        inputs = x[batch] if perturb is None else perturb(model, x[batch], y[batch])
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x[batch]), y[batch])
+        loss = F.cross_entropy(model(inputs), y[batch])
         loss.backward()
         opt.step()
         total += loss.item() * len(batch)

@@ -1,7 +1,7 @@
 """Claim checks: the method against the baseline the paper beats, on the same data, budget and seeds.
 
 A verdict is computed from the measurements: a claim holds when the mean over seeds moves in the
-paper's direction by more than ``margin``.
+paper's direction by at least ``margin``.
 """
 from __future__ import annotations
 
@@ -26,17 +26,17 @@ class Claim:
 
 def compare(claim: str, metric: str, method_values, baseline_values, *, higher_is_better: bool = True,
             margin: float = 0.0, deviations: list[str] | None = None) -> Claim:
-    """Mean over seeds of each arm; reproduced iff sign·(method − baseline) > margin."""
+    """Mean over seeds of each arm; reproduced iff sign·(mean method − mean baseline) ≥ margin."""
     m = np.asarray(method_values, dtype=float)
     b = np.asarray(baseline_values, dtype=float)
     if b.size == 1 and m.size > 1:
         b = np.full_like(m, b.item())
     diff = (m.mean() - b.mean()) * (1 if higher_is_better else -1)
-    op = ">" if higher_is_better else "<"
-    sign = "+" if higher_is_better else "-"
+    op = "≥" if higher_is_better else "≤"
+    sign = "+" if higher_is_better else "−"
     return Claim(
         claim=claim, metric=metric, method=float(m.mean()), baseline=float(b.mean()),
-        seeds=int(m.size), reproduced=bool(diff > margin), deviations=list(deviations or []),
+        seeds=int(m.size), reproduced=bool(diff >= margin), deviations=list(deviations or []),
         method_per_seed=m.tolist(), baseline_per_seed=b.tolist(),
         rule=f"mean method {op} mean baseline {sign} {margin:g}",
     )

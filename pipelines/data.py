@@ -62,9 +62,9 @@ def choose_flips(train_idx: np.ndarray, y: np.ndarray, fraction: float, num_clas
     return {int(i): int((y[i] + s) % num_classes) for i, s in zip(chosen, shift)}
 
 
-def standardize(batch: dict[str, np.ndarray], mean: float, std: float) -> dict[str, np.ndarray]:
-    """``map_batches`` UDF: x ← (x − mean) / std with train-set statistics."""
-    batch["x"] = ((batch["x"] - mean) / std).astype(np.float32)
+def rescale(batch: dict[str, np.ndarray], shift: float, scale: float) -> dict[str, np.ndarray]:
+    """``map_batches`` UDF: x ← (x − shift) / scale, with train-set statistics."""
+    batch["x"] = ((batch["x"] - shift) / scale).astype(np.float32)
     return batch
 
 
@@ -78,23 +78,34 @@ def inject_label_noise(batch: dict[str, np.ndarray], flips: dict[int, int]) -> d
 
 
 def build_splits(name: DatasetName = "digits", *, seed: int = 0, test_fraction: float = 0.33,
-                 val_fraction: float = 0.1, label_noise: float = 0.0) -> Splits:
-    """Ray datasets for one run; label noise (if any) is injected into the train split only."""
+                 val_fraction: float = 0.1, label_noise: float = 0.0,
+                 normalize: Literal["standardize", "unit"] = "standardize") -> Splits:
+    """Ray datasets for one run; label noise (if any) is injected into the train split only.
+
+    ``standardize``: zero mean, unit variance; ``unit``: min–max to [0, 1] (the input range attacks
+    assume). Statistics come from the train split.
+    """
     import ray.data
 
     x, y = raw_arrays(name, seed)
     num_classes = int(y.max()) + 1
     parts = split_indices(y, seed, test_fraction, val_fraction)
-    mean, std = float(x[parts["train"]].mean()), float(x[parts["train"]].std())
+    train_x = x[parts["train"]]
+    if normalize == "unit":
+        shift, scale = float(train_x.min()), float(train_x.max() - train_x.min())
+    else:
+        shift, scale = float(train_x.mean()), float(train_x.std())
     flips = choose_flips(parts["train"], y, label_noise, num_classes, seed) if label_noise > 0 else {}
 
     def dataset(split: str) -> ray.data.Dataset:
         idx = parts[split]
         ds = ray.data.from_items([{"idx": int(i), "x": x[i], "y": int(y[i])} for i in idx],
                                  override_num_blocks=2)
-        ds = ds.map_batches(standardize, fn_kwargs={"mean": mean, "std": std}, batch_format="numpy")
+        # small UDFs: a fraction of a CPU each, so they never wait behind Train workers
+        ds = ds.map_batches(rescale, fn_kwargs={"shift": shift, "scale": scale}, batch_format="numpy",
+                            num_cpus=0.25)
         return ds.map_batches(inject_label_noise, fn_kwargs={"flips": flips if split == "train" else {}},
-                              batch_format="numpy")
+                              batch_format="numpy", num_cpus=0.25)
 
     return Splits(train=dataset("train"), val=dataset("val"), test=dataset("test"),
                   input_shape=tuple(x.shape[1:]), num_classes=num_classes,

@@ -36,7 +36,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2),
+        # logical CPUs are scheduling tokens: at least 4, so a Tune driver, Train workers and
+        # Ray Data tasks can be placed together on a small machine
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 4),
                  include_dashboard=True, dashboard_host="127.0.0.1",
                  object_store_memory=512 * 1024**2)
     import ray.data

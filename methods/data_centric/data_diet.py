@@ -109,8 +109,10 @@ def train_loop(loop_config: dict) -> None:
     device = session.device
     data = {name: load_shard(name, device) for name in ("train", "val", "test")}
     tr, val, test = data["train"], data["val"], data["test"]
-    state = session.state or {"done": {}}
+    state = session.state or {"done": {}, "starts": []}
     done, current = state["done"], state.get("current")
+    starts = state["starts"] + [{"units_done": sum(k != "examples" for k in done), "unit": current["key"] if current else "",
+                                 "epoch": current["epoch"] + 1 if current else 0}]
     if "examples" not in done:
         done["examples"] = session.gather({k: tr[k].cpu() for k in ("idx", "y", "y_clean", "flipped")})
     units = plan(cfg)
@@ -148,7 +150,7 @@ def train_loop(loop_config: dict) -> None:
             session.report({"unit": number, "units": len(units), "phase": unit[0], "epoch": epoch + 1,
                             "loss": loss, "val_acc": val_acc,
                             "retrain_epoch": 0 if unit[0] == "score" else epoch + 1},
-                           {"done": done, "current": current})
+                           {"done": done, "current": current, "starts": starts})
         if unit[0] == "score":
             scores = {"idx": tr["idx"].cpu(), "el2n": el2n_scores(model, tr["x"], tr["y"]).cpu()}
             scores["grand"] = extra["grand"] if cfg.grand_at == "init" else grand_scores(model, tr["x"], tr["y"]).cpu()
@@ -161,16 +163,20 @@ def train_loop(loop_config: dict) -> None:
             print(f"[data_diet] {number}/{len(units)} {key} done", flush=True)
     session.report({"unit": len(units), "units": len(units), "phase": "done", "epoch": 0, "loss": 0.0,
                     "val_acc": float(done[_key(units[-1])].get("val_acc", 0.0)) if units else 0.0,
-                    "retrain_epoch": cfg.retrain_epochs}, {"done": done}, force=True)
+                    "retrain_epoch": cfg.retrain_epochs}, {"done": done, "starts": starts}, force=True)
 
 
 def execute(cfg: DataDietConfig, storage: str | None, name: str, callbacks: list | None = None) -> dict:
-    """Build the Ray datasets, fit the plan on Ray Train, return the final ``done`` state."""
+    """Build the Ray datasets, fit the plan on Ray Train, return the final state.
+
+    ``state["done"]`` holds each unit's results; ``state["starts"]`` where each (re)start of the
+    loop began: a resumed run starts after the units and epochs its checkpoint already holds.
+    """
     splits = build_splits(cfg.dataset, seed=cfg.seed, test_fraction=cfg.test_fraction,
                           val_fraction=cfg.val_fraction, label_noise=cfg.label_noise)
     result = train.fit(train_loop, {"cfg": cfg.model_dump(), "num_classes": splits.num_classes}, cfg,
                        name=name, storage=storage, datasets=splits.as_dict(), callbacks=callbacks)
-    return train.read_state(result.checkpoint)["done"]
+    return train.read_state(result.checkpoint)
 
 
 def score_table(cfg: DataDietConfig, done: dict) -> dict[str, np.ndarray]:
@@ -219,7 +225,7 @@ def noise_detection(scores: dict[str, np.ndarray], name: str) -> tuple[list[floa
     return aurocs, top_shares
 
 
-def plot_scores(run_dir: RunDir, scores: dict[str, np.ndarray], name: str = "scores.png") -> None:
+def plot_scores(run_dir: RunDir, scores: dict[str, np.ndarray], grand_at: str, name: str = "scores.png") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +237,7 @@ def plot_scores(run_dir: RunDir, scores: dict[str, np.ndarray], name: str = "sco
         groups = [("clean labels", ~flipped), ("flipped labels", flipped)] if flipped.any() else [("all", ~flipped)]
         for label, mask in groups:
             ax.hist(scores[key][mask], bins=40, alpha=0.6, density=True, label=label)
-        ax.set_xlabel(key.upper() + (" (at init)" if key == "grand" else ""))
+        ax.set_xlabel("EL2N" if key == "el2n" else f"GraNd (at {grand_at.replace('_', ' ')})")
         ax.set_ylabel("density")
         ax.legend()
     fig.suptitle("Data Diet scores, averaged over initialisations")
@@ -268,11 +274,13 @@ def summarize(table: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 def run(cfg: DataDietConfig, run_dir: RunDir) -> dict:
     run_dir.log(f"{len(plan(cfg))} training units on {cfg.num_workers} Ray Train worker(s)")
-    done = execute(cfg, run_dir.storage, "data_diet")
+    state = execute(cfg, run_dir.storage, "data_diet")
+    done = state["done"]
     scores = score_table(cfg, done)
     run_dir.write_table("results.parquet", scores)
-    plot_scores(run_dir, scores)
-    metrics: dict = {"examples": int((scores["seed"] == cfg.seed).sum()), "deviations": DEVIATIONS}
+    plot_scores(run_dir, scores, cfg.grand_at)
+    metrics: dict = {"examples": int((scores["seed"] == cfg.seed).sum()), "deviations": DEVIATIONS,
+                     "train_starts": state["starts"]}
     if scores["flipped"].any():
         aurocs, shares = noise_detection(scores, "el2n")
         metrics["noise"] = {"el2n_auroc": float(np.mean(aurocs)), "el2n_top10_flipped_share": float(np.mean(shares)),
@@ -290,12 +298,12 @@ def reproduce(cfg: DataDietConfig, run_dir: RunDir) -> ClaimReport:
     noisy_cfg = cfg.model_copy(update={"label_noise": 0.1, "keep_fractions": [], "full_reference": False})
     clean_cfg = cfg.model_copy(update={"label_noise": 0.0})
     run_dir.log(f"noisy-label run: {len(plan(noisy_cfg))} units; pruning run: {len(plan(clean_cfg))} units")
-    noisy = score_table(noisy_cfg, execute(noisy_cfg, run_dir.storage, "noisy"))
-    clean_done = execute(clean_cfg, run_dir.storage, "clean")
+    noisy = score_table(noisy_cfg, execute(noisy_cfg, run_dir.storage, "noisy")["done"])
+    clean_done = execute(clean_cfg, run_dir.storage, "clean")["done"]
     table = pruning_table(clean_cfg, clean_done)
     run_dir.write_table("results.parquet", noisy)
     run_dir.write_table("pruning.parquet", table)
-    plot_scores(run_dir, noisy)
+    plot_scores(run_dir, noisy, cfg.grand_at)
     plot_pruning(run_dir, table)
 
     def accs(arm: str, pruned: float) -> np.ndarray:
