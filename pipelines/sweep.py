@@ -23,6 +23,18 @@ SAMPLERS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "logrand
             "choice": 1, "grid_search": 1, "randn": 2}
 
 
+def trial_run() -> dict[str, Any]:
+    """``fit`` keywords for a Train run inside a Tune trial (a method's ``trial`` driver).
+
+    The name is fixed per trial, so a retried trial restores from its own checkpoints, and
+    ``TuneReportCallback`` forwards rank 0's reports to Tune.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return {"name": f"trial-{tune.get_context().get_trial_id()}", "callbacks": [TuneReportCallback()]}
+
+
 def default_space_path(method_id: str) -> Path:
     return Path(__file__).resolve().parent.parent / "tune_spaces" / f"{method_id}.yaml"
 

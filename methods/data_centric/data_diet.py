@@ -24,6 +24,7 @@ from pipelines.config import MethodConfig
 from pipelines.data import build_splits, load_shard
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
+from pipelines.sweep import trial_run
 
 Arm = Literal["el2n", "grand", "random", "el2n_lowest"]
 
@@ -336,13 +337,10 @@ def reproduce(cfg: DataDietConfig, run_dir: RunDir) -> ClaimReport:
 
 def trial(config: dict, storage: str) -> None:
     """Ray Tune driver: score, then retrain on the highest-EL2N ``keep_fractions[0]``; reports val_acc."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = DataDietConfig(**config)
     cfg = cfg.model_copy(update={"arms": ["el2n"], "keep_fractions": cfg.keep_fractions[:1] or [0.5],
                                  "full_reference": False, "seeds": 1})
-    execute(cfg, storage, f"trial-{tune.get_context().get_trial_id()}", callbacks=[TuneReportCallback()])
+    execute(cfg, storage, **trial_run())
 
 
 PIPELINE = Pipeline(
