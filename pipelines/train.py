@@ -82,15 +82,23 @@ class WorkerSession:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Concatenate per-rank tensors (e.g. per-example scores of each shard) on every rank."""
+    def _all(self, value: Any) -> list:
         if self.world_size == 1:
-            return tensors
+            return [value]
         import torch.distributed as dist
 
         parts: list = [None] * self.world_size
-        dist.all_gather_object(parts, {k: v.cpu() for k, v in tensors.items()})
+        dist.all_gather_object(parts, value)
+        return parts
+
+    def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Concatenate per-rank tensors (e.g. per-example scores of each shard) on every rank."""
+        parts = self._all({k: v.cpu() for k, v in tensors.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in tensors}
+
+    def smallest(self, value: int) -> int:
+        """Minimum of ``value`` over ranks: DDP needs the same number of steps on every rank."""
+        return min(self._all(value))
 
 
 def quiet_console(logger_name: str) -> None:

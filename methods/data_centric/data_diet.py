@@ -130,9 +130,12 @@ def train_loop(loop_config: dict) -> None:
         if unit[0] == "score":
             x, y, epochs = tr["x"], tr["y"], cfg.score_epochs
         else:
-            keep = torch.isin(tr["idx"].cpu(), kept_idx(cfg, done, unit[1], *unit[2:])) \
-                if unit[0] == "prune" else torch.ones(len(tr["idx"]), dtype=torch.bool)
-            x, y, epochs = tr["x"][keep.to(device)], tr["y"][keep.to(device)], cfg.retrain_epochs
+            rows = torch.isin(tr["idx"].cpu(), kept_idx(cfg, done, unit[1], *unit[2:])).nonzero().flatten() \
+                if unit[0] == "prune" else torch.arange(len(tr["idx"]))
+            # each worker keeps the kept rows of its own shard; equal counts keep DDP steps in step
+            share = torch.randperm(len(rows), generator=torch.Generator().manual_seed(_unit_seed(unit)))
+            rows = rows[share[:session.smallest(len(rows))]].to(device)
+            x, y, epochs = tr["x"][rows], tr["y"][rows], cfg.retrain_epochs
         extra = {}
         start = 0
         if current is not None and current["key"] == key:
@@ -158,7 +161,7 @@ def train_loop(loop_config: dict) -> None:
             done[key] = session.gather(scores)
         else:
             done[key] = {"test_acc": accuracy(model, test["x"], test["y"]), "val_acc": val_acc,
-                         "kept": int(len(x))}
+                         "kept": int(len(x)) * session.world_size}
         current = None
         if session.rank == 0:
             print(f"[data_diet] {number}/{len(units)} {key} done", flush=True)
