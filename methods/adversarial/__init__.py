@@ -1,0 +1,1 @@
+"""Adversarial and robustness methods: defensive distillation, attack tracing, robust weight signatures."""
