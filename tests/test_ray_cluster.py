@@ -35,6 +35,11 @@ def env_for_subprocesses():
     return env
 
 
+def run_ok(cmd, env):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd[:3])} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+
+
 def kill_trees(roots):
     procs = []
     for root in roots:
@@ -73,12 +78,12 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
              "--temp-dir", str(temp), "--disable-usage-stats"]
     out = tmp_path / "job-run"
     try:
-        subprocess.run(start, env=env, check=True, capture_output=True, timeout=240)
+        run_ok(start, env)
         address = f"http://127.0.0.1:{dash}"
         submission = f"gradworks-test-{os.getpid()}"
-        subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-                        "--submission-id", submission, "--no-wait", "--", "gradworks", "run", "data_diet",
-                        "--set", *TINY, "--out", str(out)], env=env, check=True, capture_output=True, timeout=240)
+        run_ok([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+                "--submission-id", submission, "--no-wait", "--", "gradworks", "run", "data_diet",
+                "--set", *TINY, "--out", str(out)], env)
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         client = JobSubmissionClient(address)

@@ -18,20 +18,15 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from methods.adversarial.robust_training import (
-    TrainingConfig,
-    Unit,
-    cpu_state,
-    fit_units,
-    load_splits,
-    run_units,
-)
+from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan
 from methods.classifiers import build_classifier, predict_proba
 from methods.engines.attacks import CWConfig, FGSMConfig, cw_l2, fgsm
 from pipelines import train
 from pipelines.claims import ClaimReport, compare
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
+from pipelines.sweep import trial_run
+from pipelines.units import Unit, cpu_state
 
 ARMS = ("undefended", "distilled", "distilled_logits_over_T")
 GRID = 8  # adversarial examples kept per arm for the figure
@@ -152,7 +147,7 @@ def train_loop(loop_config: dict) -> None:
                      lambda m, done: {"model": cpu_state(m.model), "distilled": attack_eval(m.model, xa, ya, cfg),
                                       "distilled_logits_over_T": attack_eval(m, xa, ya, cfg)}, loss_scale=T),
             ]
-    run_units(session, cfg, units, data["val"], summarize=lambda done: summary(cfg, done),
+    run_plan(session, cfg, units, data["val"], summarize=lambda done: summary(cfg, done),
               summary_keys=(SWEEP_METRIC,))
 
 
@@ -302,12 +297,8 @@ def reproduce(cfg: AdvDistillationConfig, run_dir: RunDir) -> ClaimReport:
 
 def trial(config: dict, storage: str) -> None:
     """Ray Tune driver: one job per sampled config; the attack success rates are reported at the end."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = AdvDistillationConfig(**config)
-    fit_units(train_loop, cfg, storage=storage, name=f"trial-{tune.get_context().get_trial_id()}",
-              callbacks=[TuneReportCallback()])
+    fit_units(train_loop, cfg, storage=storage, **trial_run())
 
 
 PIPELINE = Pipeline(

@@ -23,21 +23,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from methods.adversarial.robust_training import (
-    TrainingConfig,
-    Unit,
-    cpu_state,
-    fit_units,
-    load_splits,
-    run_units,
-    unit_seed,
-)
+from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan
 from methods.classifiers import accuracy, build_classifier, predict_proba
 from methods.engines.attacks import FGSMConfig, PGDConfig, fgsm, pgd
 from pipelines import train
 from pipelines.claims import ClaimReport, compare
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
+from pipelines.sweep import trial_run
+from pipelines.units import Unit, cpu_state, unit_seed
 
 ATTACKS = ("fgsm", "pgd")
 SWEEP_METRIC = "pgd_tracing_acc"
@@ -216,7 +210,7 @@ def train_loop(loop_config: dict) -> None:
                  for a in ATTACKS for m in ("tracing_acc", "baseline_acc", "success")}
         return {**means, "per_seed": per_seed}
 
-    run_units(session, cfg, units, data["val"], summarize=summarize, summary_keys=(SWEEP_METRIC,))
+    run_plan(session, cfg, units, data["val"], summarize=summarize, summary_keys=(SWEEP_METRIC,))
 
 
 def tables(cfg: AttackTracingConfig, summary: dict) -> tuple[dict, dict]:
@@ -307,12 +301,8 @@ def reproduce(cfg: AttackTracingConfig, run_dir: RunDir) -> ClaimReport:
 
 def trial(config: dict, storage: str) -> None:
     """Ray Tune driver: one job per sampled config; the tracing accuracies are reported at the end."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = AttackTracingConfig(**config)
-    fit_units(train_loop, cfg, storage=storage, name=f"trial-{tune.get_context().get_trial_id()}",
-              callbacks=[TuneReportCallback()])
+    fit_units(train_loop, cfg, storage=storage, **trial_run())
 
 
 PIPELINE = Pipeline(

@@ -3,15 +3,11 @@ plan of checkpointed units inside one Ray Train job.
 
 ``training_mode`` ``standard`` minimises E CE(f(x), y); ``pgd`` minimises E max_{‖δ‖∞≤ε} CE(f(x+δ), y)
 (Madry et al. 2018), the inner max by ``pgd_steps`` PGD steps of size ``pgd_alpha`` from a random
-start (``methods.engines.attacks.adversarial_batch``). A :class:`Unit` is one model trained for some
-epochs; :func:`run_units` trains the units of a plan in order on a Train worker with a checkpoint
-every epoch, so an interrupted run resumes inside the unit it stopped in, and stores each unit's
-result (its weights, its evaluation) for the units after it.
+start (``methods.engines.attacks.adversarial_batch``). Plans of models run as
+:mod:`pipelines.units` units inside one Ray Train job.
 """
 from __future__ import annotations
 
-import zlib
-from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
@@ -23,8 +19,8 @@ from methods.engines.attacks import PGDConfig, adversarial_batch
 from pipelines import train
 from pipelines.config import MethodConfig
 from pipelines.data import build_splits, load_shard
+from pipelines.units import Epoch, Optimizer, Unit, run_units
 
-Epoch = Callable[[nn.Module, torch.optim.Optimizer, Tensor, Tensor, torch.Generator], float]
 
 
 class TrainingConfig(MethodConfig):
@@ -57,37 +53,6 @@ def classifier_epoch(cfg: TrainingConfig) -> Epoch:
     return epoch
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One model of a plan. Callables receive ``done``: the results of the units before it.
-
-    ``build(done)`` returns the model to train (parameters with ``requires_grad=False`` stay
-    frozen); ``data(done)`` its inputs and targets (class ids, or class probabilities); ``finish``
-    maps the trained model to the result kept as ``done[key]``. ``epoch`` replaces the config's
-    training epoch; ``optimizer`` (trainable parameters -> optimizer) replaces the config's SGD;
-    ``loss_scale`` s multiplies the loss of that SGD, applied as lr·s and weight decay/s.
-    """
-
-    key: str
-    epochs: int
-    build: Callable[[dict], nn.Module]
-    data: Callable[[dict], tuple[Tensor, Tensor]]
-    finish: Callable[[nn.Module, dict], dict]
-    epoch: Epoch | None = None
-    optimizer: Callable[[list], torch.optim.Optimizer] | None = None
-    loss_scale: float = 1.0
-
-
-def unit_seed(key: str) -> int:
-    """A stable seed per unit key (model init, data order, PGD starts)."""
-    return zlib.crc32(key.encode())
-
-
-def cpu_state(module: nn.Module) -> dict[str, Tensor]:
-    """A detached CPU copy of ``module``'s state dict (what a unit's result keeps)."""
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 def load_splits(device) -> dict[str, dict[str, Tensor]]:
     """Worker side: the train shard and the val/test sets as tensors, rows sorted by example idx."""
     out = {}
@@ -98,52 +63,18 @@ def load_splits(device) -> dict[str, dict[str, Tensor]]:
     return out
 
 
-def run_units(session: train.WorkerSession, cfg: TrainingConfig, units: list[Unit], val: dict[str, Tensor],
-              summarize: Callable[[dict], dict] | None = None, summary_keys: tuple[str, ...] = ()) -> dict:
-    """Train every unit not yet in the restored state; ``summarize(done)`` is stored as done["summary"]
-    and its numbers join the final report. Every epoch reports ``summary_keys`` as NaN until then
-    (Tune requires a sweep metric in every result; the final value is the one compared)."""
-    state = session.state or {"done": {}}
-    done, current = state["done"], state.get("current")
-    pending = dict.fromkeys(summary_keys, float("nan"))
-    for number, unit in enumerate(units, 1):
-        if unit.key in done:
-            continue
-        seed = unit_seed(unit.key)
-        torch.manual_seed(seed)
-        model = unit.build(done).to(session.device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = unit.optimizer(params) if unit.optimizer else torch.optim.SGD(
-            params, lr=cfg.lr * unit.loss_scale, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-            weight_decay=cfg.weight_decay / unit.loss_scale)
-        gen = torch.Generator().manual_seed(seed + 1)
-        x, y = unit.data(done)
-        start = 0
-        if current is not None and current["key"] == unit.key:
-            model.load_state_dict(current["model"])
-            opt.load_state_dict(current["opt"])
-            gen.set_state(current["gen"])
-            start = current["epoch"] + 1
-        ddp = train.prepare(model)
-        epoch_fn = unit.epoch or classifier_epoch(cfg)
-        for epoch in range(start, unit.epochs):
-            loss = epoch_fn(ddp, opt, x, y, gen)
-            current = {"key": unit.key, "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
-                       "gen": gen.get_state()}
-            session.report({"unit": number, "units": len(units), "epoch": epoch + 1, "loss": loss,
-                            "val_acc": accuracy(model, val["x"], val["y"]), **pending},
-                           {"done": done, "current": current})
-        done[unit.key] = {**unit.finish(model, done), "val_acc": accuracy(model, val["x"], val["y"])}
-        current = None
-        if session.rank == 0:
-            print(f"[{type(cfg).__name__}] {number}/{len(units)} {unit.key} done", flush=True)
-    if summarize is not None and "summary" not in done:
-        done["summary"] = summarize(done)
-    scalars = {k: v for k, v in done.get("summary", {}).items() if isinstance(v, (int, float))}
-    final = done[units[-1].key]["val_acc"] if units else 0.0
-    session.report({"unit": len(units), "units": len(units), "epoch": 0, "loss": 0.0, "val_acc": final, **scalars},
-                   {"done": done}, force=True)
-    return done
+def sgd(cfg: TrainingConfig) -> Optimizer:
+    """SGD with Nesterov momentum; a unit's ``loss_scale`` s is applied as lr·s and weight decay/s."""
+    return lambda params, unit: torch.optim.SGD(
+        params, lr=cfg.lr * unit.loss_scale, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+        weight_decay=cfg.weight_decay / unit.loss_scale)
+
+
+def run_plan(session: train.WorkerSession, cfg: TrainingConfig, units: list[Unit], val: dict[str, Tensor],
+             **kwargs) -> dict:
+    """:func:`pipelines.units.run_units` with the config's training mode, SGD and validation accuracy."""
+    return run_units(session, units, epoch=classifier_epoch(cfg), optimizer=sgd(cfg),
+                     evaluate=lambda model: accuracy(model, val["x"], val["y"]), **kwargs)["done"]
 
 
 def fit_units(loop: Callable[[dict], None], cfg: TrainingConfig, *, storage: str | None, name: str,

@@ -15,21 +15,15 @@ import torch
 from pydantic import Field, field_validator
 
 from methods.adversarial import signatures as rws
-from methods.adversarial.robust_training import (
-    TrainingConfig,
-    Unit,
-    cpu_state,
-    fit_units,
-    load_splits,
-    run_units,
-    unit_seed,
-)
+from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan
 from methods.classifiers import accuracy, build_classifier
 from methods.engines.corruptions import CORRUPTIONS, corrupt
 from pipelines import train
 from pipelines.claims import ClaimReport, compare
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
+from pipelines.sweep import trial_run
+from pipelines.units import Unit, cpu_state, unit_seed
 
 SWEEP_METRIC = "patch_gain"
 
@@ -151,7 +145,7 @@ def train_loop(loop_config: dict) -> None:
                     for s in range(cfg.seed, cfg.seed + cfg.seeds)}
         return {"per_seed": per_seed, SWEEP_METRIC: float(patch_gain(cfg, tables({"per_seed": per_seed})[0]).mean())}
 
-    run_units(session, cfg, units, data["val"], summarize=summarize, summary_keys=(SWEEP_METRIC,))
+    run_plan(session, cfg, units, data["val"], summarize=summarize, summary_keys=(SWEEP_METRIC,))
 
 
 def tables(summary: dict) -> tuple[dict, dict]:
@@ -297,12 +291,8 @@ def reproduce(cfg: RWSConfig, run_dir: RunDir) -> ClaimReport:
 
 def trial(config: dict, storage: str) -> None:
     """Ray Tune driver: one job per sampled config; the mean patch gain is reported at the end."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = RWSConfig(**config)
-    fit_units(train_loop, cfg, storage=storage, name=f"trial-{tune.get_context().get_trial_id()}",
-              callbacks=[TuneReportCallback()])
+    fit_units(train_loop, cfg, storage=storage, **trial_run())
 
 
 PIPELINE = Pipeline(

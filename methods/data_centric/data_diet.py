@@ -9,7 +9,6 @@ checkpoint every epoch, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
-import zlib
 from typing import Literal
 
 import numpy as np
@@ -25,6 +24,7 @@ from pipelines.data import build_splits, load_shard
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
 from pipelines.sweep import trial_run
+from pipelines.units import Unit, run_units, unit_seed
 
 Arm = Literal["el2n", "grand", "random", "el2n_lowest"]
 
@@ -67,7 +67,11 @@ DEVIATIONS = [
 
 
 def plan(cfg: DataDietConfig) -> list[tuple]:
-    """Units in run order: ("score", seed, k), ("full", seed), ("prune", seed, arm, fraction)."""
+    """Run order: ("score", seed, k), ("full", seed), ("prune", seed, arm, fraction).
+
+    With ``grand_at="init"`` each scoring run is preceded by a zero-epoch unit reading GraNd of
+    the same initialisation (key ``grand0/<seed>/<k>``).
+    """
     units: list[tuple] = []
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         units += [("score", seed, k) for k in range(cfg.inits)]
@@ -80,14 +84,10 @@ def _key(unit: tuple) -> str:
     return "/".join(str(u) for u in unit)
 
 
-def _unit_seed(unit: tuple) -> int:
-    """A stable seed per unit (model init and data order), the same on every worker and run."""
-    return zlib.crc32(_key(unit).encode())
-
-
-def mean_scores(done: dict, seed: int, inits: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_scores(cfg: DataDietConfig, done: dict, seed: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx, score averaged over the K scoring runs of ``seed``), sorted by example idx."""
-    runs = [done[_key(("score", seed, k))] for k in range(inits)]
+    prefix = "grand0" if name == "grand" and cfg.grand_at == "init" else "score"
+    runs = [done[f"{prefix}/{seed}/{k}"] for k in range(cfg.inits)]
     idx = torch.sort(runs[0]["idx"]).values
     stacked = torch.stack([r[name][torch.argsort(r["idx"])] for r in runs])
     return idx, stacked.mean(0)
@@ -95,79 +95,62 @@ def mean_scores(done: dict, seed: int, inits: int, name: str) -> tuple[torch.Ten
 
 def kept_idx(cfg: DataDietConfig, done: dict, seed: int, arm: str, fraction: float) -> torch.Tensor:
     score_name = {"el2n": "el2n", "el2n_lowest": "el2n", "grand": "grand", "random": "el2n"}[arm]
-    idx, scores = mean_scores(done, seed, cfg.inits, score_name)
+    idx, scores = mean_scores(cfg, done, seed, score_name)
     keep = int(round(fraction * len(idx)))
     mode = {"random": "random", "el2n_lowest": "lowest"}.get(arm, "highest")
-    gen = torch.Generator().manual_seed(_unit_seed(("prune", seed, arm, fraction)))
+    gen = torch.Generator().manual_seed(unit_seed(_key(("prune", seed, arm, fraction))))
     return idx[keep_indices(scores, keep, offset=int(round(cfg.offset * len(idx))), generator=gen, mode=mode)]
 
 
 def train_loop(loop_config: dict) -> None:
-    """Ray Train worker: runs every unit of the plan, checkpointing each epoch."""
+    """Ray Train worker: the plan as units (GraNd at init, scoring runs, retrains), checkpointed each epoch."""
     cfg = DataDietConfig(**loop_config["cfg"])
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     session = train.WorkerSession(cfg.checkpoint_every)
-    device = session.device
-    data = {name: load_shard(name, device) for name in ("train", "val", "test")}
-    tr, val, test = data["train"], data["val"], data["test"]
-    state = session.state or {"done": {}, "starts": []}
-    done, current = state["done"], state.get("current")
-    starts = state["starts"] + [{"units_done": sum(k != "examples" for k in done), "unit": current["key"] if current else "",
-                                 "epoch": current["epoch"] + 1 if current else 0}]
-    if "examples" not in done:
-        done["examples"] = session.gather({k: tr[k].cpu() for k in ("idx", "y", "y_clean", "flipped")})
-    units = plan(cfg)
-    for number, unit in enumerate(units, 1):
+    tr, val, test = (load_shard(name, session.device) for name in ("train", "val", "test"))
+    shape, classes = tuple(tr["x"].shape[1:]), int(loop_config["num_classes"])
+
+    def fresh(key: str) -> torch.nn.Module:
+        """The initialisation of scoring run ``key`` (its GraNd-at-init unit shares it)."""
+        torch.manual_seed(unit_seed(key))
+        return build_classifier(cfg.arch, shape, classes, hidden=tuple(cfg.hidden))
+
+    def scores(model: torch.nn.Module, with_el2n: bool) -> dict:
+        out = {k: tr[k].cpu() for k in ("idx", "y", "y_clean", "flipped")}
+        out["grand"] = grand_scores(model, tr["x"], tr["y"]).cpu()
+        if with_el2n:
+            out["el2n"] = el2n_scores(model, tr["x"], tr["y"]).cpu()
+        return session.gather(out)
+
+    def subset(unit: tuple, done: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(len(tr["idx"])) if unit[0] == "full" else \
+            torch.isin(tr["idx"].cpu(), kept_idx(cfg, done, *unit[1:])).nonzero().flatten()
+        # each worker trains on the kept rows of its own shard; equal counts keep DDP ranks in step
+        share = torch.randperm(len(rows), generator=torch.Generator().manual_seed(unit_seed(_key(unit))))
+        rows = rows[share[:session.smallest(len(rows))]].to(session.device)
+        return tr["x"][rows], tr["y"][rows]
+
+    def retrained(model: torch.nn.Module, done: dict, unit: tuple) -> dict:
+        kept = kept_idx(cfg, done, *unit[1:]) if unit[0] == "prune" else done[_key(("score", unit[1], 0))]["idx"]
+        return {"test_acc": accuracy(model, test["x"], test["y"]), "kept": len(kept)}
+
+    units = []
+    for unit in plan(cfg):
         key = _key(unit)
-        if key in done:
-            continue
-        torch.manual_seed(_unit_seed(unit))
-        model = build_classifier(cfg.arch, tuple(tr["x"].shape[1:]), int(loop_config["num_classes"]),
-                                 hidden=tuple(cfg.hidden)).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
-        gen = torch.Generator().manual_seed(_unit_seed(unit) + 1)
         if unit[0] == "score":
-            x, y, epochs = tr["x"], tr["y"], cfg.score_epochs
+            if cfg.grand_at == "init":
+                units.append(Unit(f"grand0/{unit[1]}/{unit[2]}", 0, lambda done, k=key: fresh(k),
+                                  lambda done: (tr["x"], tr["y"]), lambda m, done: scores(m, with_el2n=False)))
+            units.append(Unit(key, cfg.score_epochs, lambda done, k=key: fresh(k), lambda done: (tr["x"], tr["y"]),
+                              lambda m, done: scores(m, with_el2n=True), progress=lambda e: {"retrain_epoch": 0}))
         else:
-            rows = torch.isin(tr["idx"].cpu(), kept_idx(cfg, done, unit[1], *unit[2:])).nonzero().flatten() \
-                if unit[0] == "prune" else torch.arange(len(tr["idx"]))
-            # each worker keeps the kept rows of its own shard; equal counts keep DDP steps in step
-            share = torch.randperm(len(rows), generator=torch.Generator().manual_seed(_unit_seed(unit)))
-            rows = rows[share[:session.smallest(len(rows))]].to(device)
-            x, y, epochs = tr["x"][rows], tr["y"][rows], cfg.retrain_epochs
-        extra = {}
-        start = 0
-        if current is not None and current["key"] == key:
-            model.load_state_dict(current["model"])
-            opt.load_state_dict(current["opt"])
-            gen.set_state(current["gen"])
-            extra, start = current["extra"], current["epoch"] + 1
-        elif unit[0] == "score" and cfg.grand_at == "init":
-            extra = {"grand": grand_scores(model, tr["x"], tr["y"]).cpu()}
-        ddp = train.prepare(model)
-        for epoch in range(start, epochs):
-            loss = train_epoch(ddp, opt, x, y, batch_size=cfg.batch_size, generator=gen)
-            val_acc = accuracy(model, val["x"], val["y"])
-            current = {"key": key, "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
-                       "gen": gen.get_state(), "extra": extra}
-            session.report({"unit": number, "units": len(units), "phase": unit[0], "epoch": epoch + 1,
-                            "loss": loss, "val_acc": val_acc,
-                            "retrain_epoch": 0 if unit[0] == "score" else epoch + 1},
-                           {"done": done, "current": current, "starts": starts})
-        if unit[0] == "score":
-            scores = {"idx": tr["idx"].cpu(), "el2n": el2n_scores(model, tr["x"], tr["y"]).cpu()}
-            scores["grand"] = extra["grand"] if cfg.grand_at == "init" else grand_scores(model, tr["x"], tr["y"]).cpu()
-            done[key] = session.gather(scores)
-        else:
-            done[key] = {"test_acc": accuracy(model, test["x"], test["y"]), "val_acc": val_acc,
-                         "kept": int(len(x)) * session.world_size}
-        current = None
-        if session.rank == 0:
-            print(f"[data_diet] {number}/{len(units)} {key} done", flush=True)
-    session.report({"unit": len(units), "units": len(units), "phase": "done", "epoch": 0, "loss": 0.0,
-                    "val_acc": float(done[_key(units[-1])].get("val_acc", 0.0)) if units else 0.0,
-                    "retrain_epoch": cfg.retrain_epochs}, {"done": done, "starts": starts}, force=True)
+            units.append(Unit(key, cfg.retrain_epochs, lambda done, k=key: fresh(k),
+                              lambda done, u=unit: subset(u, done), lambda m, done, u=unit: retrained(m, done, u),
+                              progress=lambda e: {"retrain_epoch": e + 1}))
+    run_units(session, units, evaluate=lambda m: accuracy(m, val["x"], val["y"]),
+              epoch=lambda m, opt, x, y, gen: train_epoch(m, opt, x, y, batch_size=cfg.batch_size, generator=gen),
+              optimizer=lambda params, unit: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                                             nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay))
 
 
 def execute(cfg: DataDietConfig, storage: str | None, name: str, callbacks: list | None = None) -> dict:
@@ -185,17 +168,17 @@ def execute(cfg: DataDietConfig, storage: str | None, name: str, callbacks: list
 
 def score_table(cfg: DataDietConfig, done: dict) -> dict[str, np.ndarray]:
     """One row per (seed, example): labels, flip flag, and K-averaged EL2N and GraNd."""
-    ex = done["examples"]
-    order = torch.argsort(ex["idx"])
     cols: dict[str, list] = {k: [] for k in ("seed", "idx", "label", "label_clean", "flipped", "el2n", "grand")}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        idx, e = mean_scores(done, seed, cfg.inits, "el2n")
-        _, g = mean_scores(done, seed, cfg.inits, "grand")
+        first = done[_key(("score", seed, 0))]
+        order = torch.argsort(first["idx"])
+        idx, e = mean_scores(cfg, done, seed, "el2n")
+        _, g = mean_scores(cfg, done, seed, "grand")
         cols["seed"].append(np.full(len(idx), seed))
         cols["idx"].append(idx.numpy())
-        cols["label"].append(ex["y"][order].numpy())
-        cols["label_clean"].append(ex["y_clean"][order].numpy())
-        cols["flipped"].append(ex["flipped"][order].numpy())
+        cols["label"].append(first["y"][order].numpy())
+        cols["label_clean"].append(first["y_clean"][order].numpy())
+        cols["flipped"].append(first["flipped"][order].numpy())
         cols["el2n"].append(e.numpy())
         cols["grand"].append(g.numpy())
     return {k: np.concatenate(v) for k, v in cols.items()}
