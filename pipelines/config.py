@@ -80,7 +80,8 @@ def describe_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "config"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        got = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+        # a cross-field check's input is the whole config: its message says what is wrong
+        got = "" if err["type"] == "extra_forbidden" or not err["loc"] else f" (got {err.get('input')!r})"
         parts.append(f"{loc}: {msg}{got}")
     return "; ".join(parts)
 

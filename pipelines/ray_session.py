@@ -38,9 +38,13 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     else:
         # logical CPUs are scheduling tokens: at least 4, so a Tune driver, Train workers and
         # Ray Data tasks can be placed together on a small machine
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 4),
-                 include_dashboard=True, dashboard_host="127.0.0.1",
-                 object_store_memory=512 * 1024**2)
+        local = dict(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 4),
+                     dashboard_host="127.0.0.1", object_store_memory=512 * 1024**2)
+        try:
+            ray.init(include_dashboard=True, **local)
+        except Exception:  # the dashboard can fail to start on a loaded machine: run without it
+            ray.shutdown()
+            ray.init(include_dashboard=False, **local)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any, Callable
 
@@ -63,6 +64,12 @@ class WorkerSession:
         self.checkpoint_every = checkpoint_every
         self.state = read_state(ray.train.get_checkpoint())
         self._reports = 0
+        # Train local mode (num_workers=0) keeps a reported checkpoint where it lies instead of
+        # copying it to storage, so its folder must outlive the report for the driver to read it.
+        from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
+
+        self._local = not get_train_fn_utils().is_distributed()
+        self._local_dir: str | None = None
         quiet_console("ray.train")
 
     @property
@@ -75,12 +82,16 @@ class WorkerSession:
 
         self._reports += 1
         due = state is not None and (force or self._reports % self.checkpoint_every == 0)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if due and self.rank == 0:
-                torch.save(state, os.path.join(tmp, STATE_FILE))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        if not (due and self.rank == 0):
+            ray.train.report(metrics)
+            return
+        tmp = tempfile.mkdtemp(prefix="gradworks-checkpoint-")
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if self._local:  # keep only the latest local checkpoint (the one the driver reads)
+            tmp, self._local_dir = self._local_dir, tmp
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _all(self, value: Any) -> list:
         if self.world_size == 1:

@@ -156,7 +156,8 @@ def memorization_scores(
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
     model.eval()
-    predictions = model(input_ids=ids.to(model.device), attention_mask=(ids != model.config.pad_token_id).long().to(model.device)).logits.argmax(-1).cpu()
+    mask = (ids != model.config.pad_token_id).long()
+    predictions = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.argmax(-1).cpu()
     ma = [memorization_accuracy_from_predictions(predictions[i, len(c) - 1 : len(c) + len(s) - 1].tolist(), s)
           for i, (c, s) in enumerate(items)]
     if not with_el:

@@ -1,0 +1,134 @@
+"""The RL watermark's learned green/red split, its multiplicative bias and its detection score.
+
+Policy (development code of An et al., `util.py`): an encoder maps the context to e ∈ R^D;
+    g = (sign_ste(e) + 1) / 2,   sign_ste(x) = x + sign(x) − sg(x)   (forward sign, backward identity)
+and a fixed random map m: V → {0..D−1} (``random.seed(66)``, one ``randint`` per token) makes token
+v green iff g[m(v)] = 1. Here the encoder is a causal GRU over the text, so the split at position t
+depends on the whole prefix x_<t (a semantics-dependent split that a meaning-changing edit moves).
+Embedding:  logits ← logits · (1 + δ·g)  for the first ``measure_threshold`` + 1 generated tokens,
+afterwards only where the next-token entropy H > α (strict in generation).
+Detection:  s(x) = mean_{t∈S} g_t[x_t], S = the first ``measure_threshold`` + 1 continuation tokens and
+later ones whose entropy under the LM is ≥ α (non-strict in detection, as in the code).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LogitsProcessor
+
+
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) forward, identity backward (the dev code's x + sign(x) − sg(x), grouped to be exact)."""
+    return x.sign() + (x - x.detach())
+
+
+def vocabulary_mapping(vocab_size: int, dim: int, seed: int = 66) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(0, dim - 1) for _ in range(vocab_size)]
+
+
+class SplitEncoder(nn.Module):
+    """Token embedding → 1-layer GRU → linear head to D dims, for every prefix of the input."""
+
+    def __init__(self, vocab_size: int, dim: int = 384, hidden: int = 64, map_seed: int = 66):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, hidden)
+        self.gru = nn.GRU(hidden, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, dim)
+        self.register_buffer("mapping", torch.tensor(vocabulary_mapping(vocab_size, dim, map_seed)))
+
+    def embedding(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) → (e of shape (B, T, D), last GRU state); e[:, t] encodes input_ids[:, :t + 1]
+        (after the prefix summarised by ``hidden``)."""
+        out, hidden = self.gru(self.embed(input_ids), hidden)
+        return self.head(out), hidden
+
+    def green_of(self, e: torch.Tensor) -> torch.Tensor:
+        """Straight-through green indicators over the vocabulary from embeddings e (..., D) → (..., V)."""
+        return ((sign_ste(e) + 1) / 2)[..., self.mapping]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) green indicators g_t[v] of the token after each prefix."""
+        return self.green_of(self.embedding(input_ids)[0])
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def bias_logits(logits: torch.Tensor, green: torch.Tensor, delta: float, gate: torch.Tensor) -> torch.Tensor:
+    """logits·(1 + δ·g) where ``gate`` (broadcast over the vocabulary) is true."""
+    return torch.where(gate[..., None], logits * (1 + delta * green), logits)
+
+
+def generation_gate(logits: torch.Tensor, generated: int, alpha: float, measure_threshold: int) -> torch.Tensor:
+    """Bias on while ≤ measure_threshold tokens were generated, then only where H > α."""
+    if generated <= measure_threshold:
+        return torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    return entropy(logits) > alpha
+
+
+class LearnedSplitWatermark(LogitsProcessor):
+    """Logits processor of the learned split; ``prompt_len`` = width of the prompt batch.
+
+    The GRU state is carried from one decoding step to the next (one token per step), so a step
+    costs one GRU update instead of a pass over the whole prefix.
+    """
+
+    def __init__(self, encoder: SplitEncoder, prompt_len: int, delta: float = 0.13, alpha: float = 1.0,
+                 measure_threshold: int = 20):
+        self.encoder, self.prompt_len = encoder, prompt_len
+        self.delta, self.alpha, self.measure_threshold = delta, alpha, measure_threshold
+        self._seen: torch.Tensor | None = None
+        self._hidden: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        seen = self._seen
+        if seen is not None and seen.shape[0] == input_ids.shape[0] and seen.shape[1] == input_ids.shape[1] - 1 \
+                and torch.equal(seen, input_ids[:, :-1]):
+            e, self._hidden = self.encoder.embedding(input_ids[:, -1:], self._hidden)
+        else:
+            e, self._hidden = self.encoder.embedding(input_ids)
+        self._seen = input_ids
+        green = self.encoder.green_of(e[:, -1])
+        gate = generation_gate(scores, input_ids.shape[1] - self.prompt_len, self.alpha, self.measure_threshold)
+        return bias_logits(scores, green, self.delta, gate)
+
+
+def detection_mask(lm_logits: torch.Tensor, continuation: torch.Tensor, alpha: float, measure_threshold: int
+                   ) -> torch.Tensor:
+    """Scored tokens S (B, T): continuation token t is scored if it is among the first
+    ``measure_threshold`` + 1 or if the LM entropy before it, H(lm_logits[:, t − 1]), is ≥ α."""
+    rank = continuation.long().cumsum(dim=1)
+    before = F.pad(entropy(lm_logits[:, :-1]), (1, 0))
+    return continuation & ((rank <= measure_threshold + 1) | (before >= alpha))
+
+
+def detection_score(green: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """s = mean_{t∈S} g_{t−1}[x_t]; ``green`` (B, T, V) from the encoder on ``input_ids``."""
+    hits = green[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = scored[:, 1:].float()
+    return (hits * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def green_fraction(green: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """ĝ = mean_{t∈S} of the share of the vocabulary that is green before token t."""
+    mask = scored[:, 1:].float()
+    return (green[:, :-1].mean(-1) * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def policy_logprobs(lm_logits: torch.Tensor, green: torch.Tensor, input_ids: torch.Tensor,
+                    continuation: torch.Tensor, delta: float, alpha: float, measure_threshold: int) -> torch.Tensor:
+    """log π(x_t | x_<t) under the biased logits for t ≥ 1, shape (B, T − 1), with the generation gate."""
+    generated_before = continuation.long().cumsum(dim=1)[:, 1:] - 1
+    logits = lm_logits[:, :-1]
+    gate = (generated_before <= measure_threshold) | (entropy(logits) > alpha)
+    biased = bias_logits(logits, green[:, :-1], delta, gate)
+    return torch.log_softmax(biased, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
