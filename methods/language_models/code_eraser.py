@@ -30,8 +30,7 @@ import torch
 from pydantic import Field, model_validator
 
 from methods.language_models.corpus import CodeCorpus, build_code_corpus, code_snippets, subset
-from methods.language_models.lm_pretrain import (LMSpec, cache_dir, cached_tokenizer, load_lm, load_stage_result,
-                                                 pretrained_lm, save_stage_result)
+from methods.language_models.lm_pretrain import LMSpec, cache_dir, cached_tokenizer, load_lm, pretrained_lm
 from methods.language_models.memorization import memorization_scores
 from methods.language_models.tokenizer import train_bpe_tokenizer
 from methods.language_models.unlearning_losses import METHODS, USES_RETAIN, Method, forget_loss, retain_loss
@@ -279,8 +278,6 @@ def unlearn_loop(config: dict) -> None:
     session.report({"unit": len(units), "units": len(units), "epoch": 0, "secret_ma": last["secret_ma"],
                     "retain_ma": last["retain_ma"], "objective": last["retain_ma"] - last["secret_ma"]},
                    {"done": done}, force=True)
-    if session.rank == 0:
-        save_stage_result(config["result_path"], done)
 
 
 def unlearning_epoch(model, reference, method: str, forget: dict, retain: dict, optimizer, cfg: CodeEraserConfig) -> None:
@@ -303,11 +300,10 @@ def execute(cfg: CodeEraserConfig, storage: str, name: str, methods: list[str], 
             callbacks: list | None = None) -> dict:
     corpus, model_dir = prepare(cfg, storage, log)
     data = {"secret_pool": corpus.secret_pool, "retain": corpus.retain, "heldout": corpus.heldout}
-    result_path = Path(storage) / f"{name}.result.pt"
     log(f"{len(plan(cfg, methods))} units (original + unlearning per seed) on Ray Train")
-    train.fit(unlearn_loop, {"cfg": cfg.model_dump(), "data": data, "methods": methods, "model_dir": str(model_dir),
-                             "result_path": str(result_path)}, cfg, name=name, storage=storage, callbacks=callbacks)
-    return load_stage_result(result_path)
+    result = train.fit(unlearn_loop, {"cfg": cfg.model_dump(), "data": data, "methods": methods, "model_dir": str(model_dir)},
+                            cfg, name=name, storage=storage, callbacks=callbacks)
+    return train.read_state(result.checkpoint)["done"]
 
 
 def results_table(cfg: CodeEraserConfig, done: dict, methods: list[str]) -> dict[str, np.ndarray]:

@@ -164,11 +164,7 @@ def _atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def save_stage_result(path: str | Path, result: dict) -> None:
-    """Rank 0 of a Train loop hands its final result to the driver through the run's storage.
-
-    ``train.read_state(result.checkpoint)`` needs a persisted checkpoint, which Train local mode
-    (``num_workers=0``) does not keep; a file under the storage works in both modes.
-    """
+    """Cache a stage's result under the run's storage (atomic), for reruns to reuse."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

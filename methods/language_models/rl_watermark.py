@@ -32,8 +32,7 @@ from methods.language_models.corpus import stdlib_docstrings
 from methods.language_models.grpo import group_advantages, minmax_normalize, policy_loss, reward_gradient_loss
 from methods.language_models.learned_split import (LearnedSplitWatermark, SplitEncoder, detection_mask,
                                                    detection_score, green_fraction, policy_logprobs)
-from methods.language_models.lm_pretrain import (LMSpec, cache_dir, cached_tokenizer, load_lm, load_stage_result,
-                                                 pretrained_lm, save_stage_result)
+from methods.language_models.lm_pretrain import LMSpec, cache_dir, cached_tokenizer, load_lm, pretrained_lm
 from methods.language_models.text_attacks import hate_spoof, paraphrase, sentiment_spoof
 from methods.language_models.tiny_lm import generate, token_blocks
 from methods.language_models.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -332,8 +331,6 @@ def grpo_loop(config: dict) -> None:
     history = done[_key(units[-1])].get("history") or {"reward": [0.0]}
     session.report({"unit": len(units), "units": len(units), "iteration": cfg.iterations,
                     "reward": history["reward"][-1]}, {"done": done}, force=True)
-    if session.rank == 0:
-        save_stage_result(config["result_path"], done)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -402,11 +399,10 @@ def evaluate_kgw(lm, tokenizer, data: dict, cfg: RLWatermarkConfig, seed: int) -
 def execute(cfg: RLWatermarkConfig, storage: str, name: str, reg_weights: list[float], log=print,
             callbacks: list | None = None) -> dict:
     lm_dir, data = prepare(cfg, storage, log)
-    result_path = Path(storage) / f"{name}.result.pt"
     log(f"{len(plan(cfg, reg_weights))} units (KGW baseline + GRPO runs per seed) on Ray Train")
-    train.fit(grpo_loop, {"cfg": cfg.model_dump(), "data": data, "lm_dir": str(lm_dir), "reg_weights": reg_weights,
-                          "result_path": str(result_path)}, cfg, name=name, storage=storage, callbacks=callbacks)
-    return load_stage_result(result_path)
+    result = train.fit(grpo_loop, {"cfg": cfg.model_dump(), "data": data, "lm_dir": str(lm_dir), "reg_weights": reg_weights},
+                         cfg, name=name, storage=storage, callbacks=callbacks)
+    return train.read_state(result.checkpoint)["done"]
 
 
 def results_table(cfg: RLWatermarkConfig, done: dict, reg_weights: list[float]) -> dict[str, np.ndarray]:
