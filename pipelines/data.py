@@ -7,9 +7,12 @@ preprocesses them with ``map_batches``; worker side reads its shard with ``get_d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import ray.data
 
 DatasetName = Literal["digits", "synthetic"]
 

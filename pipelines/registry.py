@@ -29,8 +29,9 @@ class Pipeline:
 
     ``run(cfg, run_dir)`` executes the method and returns its metrics; ``reproduce(cfg, run_dir)``
     runs the claim check; ``trial(config)`` is a Ray Tune driver function (it builds and fits a
-    ``TorchTrainer`` that reports ``sweep_metric`` every epoch). ``profiles`` holds config overrides
-    named ``quick`` and ``full`` used by ``reproduce``.
+    ``TorchTrainer`` that reports ``sweep_metric`` every epoch); at most ``max_concurrent_trials``
+    run at once. ``profiles`` holds config overrides named ``quick`` and ``full`` used by
+    ``reproduce``.
     """
 
     config: type[MethodConfig]
@@ -39,6 +40,7 @@ class Pipeline:
     trial: Callable[[dict], None] | None = None
     sweep_metric: str = ""
     sweep_mode: str = "max"
+    max_concurrent_trials: int = 2
     profiles: dict[str, dict] = field(default_factory=dict)
 
 

@@ -96,8 +96,7 @@ def _scheduler(spec: dict[str, Any], source: str):
         raise UserError(f"{source}: scheduler: {exc}") from None
 
 
-def run_sweep(pipeline, cfg: MethodConfig, run_dir, *, space_path: Path, samples: int,
-              max_concurrent: int = 2) -> dict[str, Any]:
+def run_sweep(pipeline, cfg: MethodConfig, run_dir, *, space_path: Path, samples: int) -> dict[str, Any]:
     """Tune ``pipeline.trial`` over the space; write ``sweep.parquet`` and ``best.json``."""
     from ray import tune
 
@@ -116,7 +115,7 @@ def run_sweep(pipeline, cfg: MethodConfig, run_dir, *, space_path: Path, samples
         tune.with_resources(tune.with_parameters(pipeline.trial, storage=run_dir.storage), {"CPU": 0.1}),
         param_space={**cfg.model_dump(), **space},
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples,
-                                    max_concurrent_trials=max_concurrent,
+                                    max_concurrent_trials=pipeline.max_concurrent_trials,
                                     scheduler=_scheduler(spec.get("scheduler"), source)),
         run_config=tune.RunConfig(name="sweep", storage_path=run_dir.storage, verbose=1),
     )

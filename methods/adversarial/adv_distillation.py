@@ -277,7 +277,7 @@ def reproduce(cfg: AdvDistillationConfig, run_dir: RunDir) -> ClaimReport:
                 pm("distilled", "cw", "success", np.inf), pm("undefended", "cw", "success", np.inf),
                 margin=-0.1, deviations=dev),
         compare("FGSM substantially reduces the undefended model's accuracy",
-                f"accuracy under FGSM (mean over ε) vs clean accuracy; rule: ≥ 0.3 lower",
+                "accuracy under FGSM (mean over ε) vs clean accuracy; rule: ≥ 0.3 lower",
                 pm("undefended", "fgsm", "acc_under_attack"), pm("undefended", "fgsm", "clean_acc"),
                 higher_is_better=False, margin=0.3, deviations=dev),
         compare("CW-L2 substantially reduces the undefended model's accuracy",

@@ -294,7 +294,7 @@ def reproduce(cfg: AttackTracingConfig, run_dir: RunDir) -> ClaimReport:
                           "worst copy's clean test accuracy vs the undivided model h; rule: within 0.01",
                           col("fgsm", "min_copy_acc"), col("fgsm", "base_acc"), margin=-0.01, deviations=dev))
     claims += [compare(f"the tracer beats the lowest-attack-loss baseline ({a.upper()})",
-                       f"tracing accuracy: tracer (method) vs argmax_j CE(f_j(x'), y) (baseline)",
+                       "tracing accuracy: tracer (method) vs argmax_j CE(f_j(x'), y) (baseline)",
                        col(a, "tracing_acc"), col(a, "baseline_acc"), margin=0.0, deviations=dev) for a in ATTACKS]
     return ClaimReport(headline=claims[0], more=claims[1:])
 

@@ -12,7 +12,7 @@ from typing import Callable, Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from methods.classifiers import Perturb, accuracy, train_epoch
 from methods.engines.attacks import PGDConfig, adversarial_batch

@@ -10,13 +10,10 @@ command with the same ``--out`` resumes at the first missing unit.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import time
 from collections import Counter
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -320,17 +317,6 @@ def reproduce(cfg: FedAgainConfig, run_dir: RunDir) -> ClaimReport:
     return ClaimReport(headline=claims[0], more=claims[1:])
 
 
-@contextmanager
-def one_simulation_at_a_time(storage: str):
-    """Flower sizes its actor pool by the cluster's total CPUs, so two trials' simulations at once
-    would wait on each other's actors forever; a lock file in the sweep's storage serialises them."""
-    path = Path(storage) / "flower.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def fitting_client_cpus(wanted: float, wait_s: float = 60.0) -> float:
     """CPUs per client actor such that Flower's pool, int(total / c) actors, fits in the CPUs free
     now (Tune trials hold some): n actors of free / n CPUs, n <= free / wanted and
@@ -367,8 +353,7 @@ def trial(config: dict, storage: str) -> None:
         tune.report({"round": server_round, **scores})
         return scores
 
-    with one_simulation_at_a_time(storage):
-        simulate(settings.model_copy(update={"num_cpus": fitting_client_cpus(cfg.client_cpus)}), on_round=report)
+    simulate(settings.model_copy(update={"num_cpus": fitting_client_cpus(cfg.client_cpus)}), on_round=report)
 
 
 PIPELINE = Pipeline(
@@ -378,6 +363,7 @@ PIPELINE = Pipeline(
     trial=trial,
     sweep_metric="f1",
     sweep_mode="max",
+    max_concurrent_trials=1,  # Flower sizes its actor pool by the whole cluster: one simulation at a time
     profiles={
         "quick": {"seeds": 3, "clients": 10, "rounds": 8, "fraction_fit": 0.5, "local_epochs": 2,
                   "corrupted_ratio": 0.3, "forgers": 2},
