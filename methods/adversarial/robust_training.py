@@ -42,7 +42,8 @@ def perturbation(cfg: TrainingConfig, generator: torch.Generator) -> Perturb | N
     if cfg.training_mode == "standard":
         return None
     attack = PGDConfig(eps=cfg.pgd_eps, alpha=cfg.pgd_alpha, steps=cfg.pgd_steps, norm="linf")
-    return lambda model, x, y: adversarial_batch(model, x, y, attack, generator=generator)
+    # attack the bare module: a DDP forward outside the training step would desynchronise its reducer
+    return lambda model, x, y: adversarial_batch(train.unwrap(model), x, y, attack, generator=generator)
 
 
 def classifier_epoch(cfg: TrainingConfig) -> Epoch:

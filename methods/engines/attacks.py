@@ -57,15 +57,21 @@ class CWResult(NamedTuple):
 
 @contextmanager
 def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode with gradients enabled; restores each submodule's own ``training`` flag on exit."""
+    """Eval mode with gradients enabled for inputs only (parameters frozen, so backward skips their
+    gradients); restores each submodule's ``training`` flag and each parameter's ``requires_grad``."""
     modes = [(m, m.training) for m in model.modules()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         with torch.enable_grad():
             yield model
     finally:
         for m, training in modes:
             m.training = training
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, cfg: FGSMConfig, *, bounds: Bounds = (0.0, 1.0)) -> Tensor:
