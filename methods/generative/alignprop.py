@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import time
-import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +41,8 @@ from pipelines.claims import ClaimReport, compare
 from pipelines.errors import UserError
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
+from pipelines.sweep import trial_run
+from pipelines.units import unit_seed
 
 Truncation = Literal["k1", "uniform", "gaussian", "full"]
 Arm = Literal["k1", "uniform", "gaussian", "full", "ddpo"]
@@ -182,14 +183,14 @@ def finetune_loop(config: dict) -> None:
         key = _key((arm, seed))
         if key in state["done"]:
             continue
-        unit_seed = zlib.crc32(key.encode())
-        model = lora_model(root, cfg, unit_seed)
+        seed_of_unit = unit_seed(key)
+        model = lora_model(root, cfg, seed_of_unit)
         pretrained = lora_state(model)
         ddpo = arm == "ddpo"
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg.ddpo_lr if ddpo else cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                       weight_decay=cfg.ddpo_weight_decay if ddpo else cfg.weight_decay)
-        generator = torch.Generator().manual_seed(unit_seed + 7919 * session.rank)
+        generator = torch.Generator().manual_seed(seed_of_unit + 7919 * session.rank)
         current = state["current"] if state["current"] and state["current"]["key"] == key else None
         if current is None:
             current = {"key": key, "samples": 0, "updates": 0, "cpu": 0.0, "tracker": {},
@@ -234,27 +235,16 @@ def finetune_loop(config: dict) -> None:
     last = state["done"][_key(units[-1])]["curve"][-1]
     session.report({"unit": len(units), "units": len(units), **{k: last[k] for k in ("samples", *CURVE_METRICS)}},
                    state, force=True)
-    if session.rank == 0:
-        save_result(config["result"], state["done"])
-
-
-def save_result(path: str, done: dict) -> None:
-    """Hand the finished units to the driver through a file (Train local mode keeps no checkpoint)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    torch.save(done, tmp)
-    tmp.replace(target)
 
 
 def execute(cfg: AlignPropConfig, storage: str, name: str, log=print, callbacks: list | None = None) -> dict:
+    """Pretrain (or load) the generator and judges, fine-tune every unit; return the finished units."""
     root = cache_root(cfg, storage)
-    ensure_pretrained([generator_spec(cfg), judge_spec(cfg)], cfg, storage, root, log)
-    result = Path(storage) / f"{name}-result.pt"
+    ensure_pretrained([generator_spec(cfg), judge_spec(cfg)], cfg, storage, root, log, prefix=f"{name}-pretrain")
     log(f"fine-tuning {len(plan(cfg))} (arm, seed) units, {cfg.samples} samples each, on Ray Train")
-    train.fit(finetune_loop, {"cfg": cfg.model_dump(), "root": str(root), "result": str(result)}, cfg, name=name,
-              storage=storage, callbacks=callbacks)
-    return torch.load(result, map_location="cpu", weights_only=True)
+    result = train.fit(finetune_loop, {"cfg": cfg.model_dump(), "root": str(root)}, cfg, name=name,
+                       storage=storage, callbacks=callbacks)
+    return train.read_state(result.checkpoint)["done"]
 
 
 def backprop_costs(channels: list[int], batch: int, steps: int, variants: dict[str, tuple[int, bool]]) -> dict:
@@ -438,12 +428,9 @@ def reproduce(cfg: AlignPropConfig, run_dir: RunDir) -> ClaimReport:
 
 def trial(config: dict, storage: str) -> None:
     """Ray Tune driver: one AlignProp arm, reporting the evaluation proxy reward at every checkpoint."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = AlignPropConfig(**config)
     cfg = cfg.model_copy(update={"arms": [a for a in cfg.arms if a != "ddpo"][:1] or ["k1"], "seeds": 1})
-    execute(cfg, storage, f"trial-{tune.get_context().get_trial_id()}", callbacks=[TuneReportCallback()])
+    execute(cfg, storage, **trial_run())
 
 
 PIPELINE = Pipeline(

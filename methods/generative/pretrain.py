@@ -134,8 +134,12 @@ def read_meta(root: Path, spec: Spec) -> dict:
 
 
 def ensure_pretrained(specs: list[Spec], cfg: MethodConfig, storage: str, root: Path,
-                      log: Callable[[str], None] = print) -> None:
-    """Train (one Ray Train fit) every spec that is not in the cache ``root`` yet."""
+                      log: Callable[[str], None] = print, prefix: str = "pretrain") -> None:
+    """Train (one Ray Train fit) every spec that is not in the cache ``root`` yet.
+
+    The fit is named ``<prefix>-<hash of the specs>``: a rerun in the same storage resumes it, and
+    concurrent Tune trials (each with its own ``prefix``) do not share a Train run.
+    """
     specs = list(dict.fromkeys(specs))
     missing = [s for s in specs if not is_cached(root, s)]
     if not missing:
@@ -144,7 +148,7 @@ def ensure_pretrained(specs: list[Spec], cfg: MethodConfig, storage: str, root: 
     units = [{"kind": type(s).__name__, "spec": asdict(s), "path": str(unit_dir(root, s))} for s in specs]
     config = {"units": units, "threads": max(1, int(cfg.cpus_per_worker)), "checkpoint_every": cfg.checkpoint_every}
     key = hashlib.sha256(" ".join(u["path"] for u in units).encode()).hexdigest()[:8]
-    train.fit(pretrain_loop, config, cfg, name=f"pretrain-{key}", storage=storage)  # same specs, same name: resumes
+    train.fit(pretrain_loop, config, cfg, name=f"{prefix}-{key}", storage=storage)
     for spec in missing:
         if not is_cached(root, spec):
             raise RuntimeError(f"pretraining finished without writing {unit_dir(root, spec)}")
