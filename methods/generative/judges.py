@@ -13,7 +13,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class ConvClassifier(nn.Module):
+class _FeatureClassifier(nn.Module):
+    """``body`` maps images to penultimate features, ``head`` maps features to class logits."""
+
+    body: nn.Module
+    head: nn.Module
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class ConvClassifier(_FeatureClassifier):
     """Two 3×3 conv layers → global average pool → 64-d features → class logits."""
 
     def __init__(self, num_classes: int = 10, channels: int = 1, feature_dim: int = 64):
@@ -30,14 +43,8 @@ class ConvClassifier(nn.Module):
         )
         self.head = nn.Linear(feature_dim, num_classes)
 
-    def features(self, x: Tensor) -> Tensor:
-        return self.body(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
-
-
-class MLPClassifier(nn.Module):
+class MLPClassifier(_FeatureClassifier):
     """Flattened pixels → 256 → 128-d features → class logits."""
 
     def __init__(self, image_size: int = 8, num_classes: int = 10, channels: int = 1, feature_dim: int = 128):
@@ -50,12 +57,6 @@ class MLPClassifier(nn.Module):
             nn.ReLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.body(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
 
 
 def train_classifier(

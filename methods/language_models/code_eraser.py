@@ -39,6 +39,7 @@ from pipelines.claims import ClaimReport, compare
 from pipelines.config import MethodConfig
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
+from pipelines.sweep import trial_run
 
 EL_NS = (3, 5, 10)
 
@@ -398,12 +399,9 @@ def reproduce(cfg: CodeEraserConfig, run_dir: RunDir) -> ClaimReport:
 
 def trial(config: dict, storage: str) -> None:
     """Ray Tune driver: unlearn one seed with ``method``; reports retain MA − secret MA per epoch."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = CodeEraserConfig(**config).model_copy(update={"seeds": 1})
-    execute(cfg, storage, f"trial-{tune.get_context().get_trial_id()}", [cfg.method],
-            callbacks=[TuneReportCallback()])
+    tuned = trial_run()
+    execute(cfg, storage, tuned["name"], [cfg.method], callbacks=tuned["callbacks"])
 
 
 PIPELINE = Pipeline(

@@ -42,6 +42,7 @@ from pipelines.claims import ClaimReport, compare
 from pipelines.config import MethodConfig
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
+from pipelines.sweep import trial_run
 
 TEXTS = ("wm", "para", "senti", "latter", "hate", "orig")
 ATTACKS = ("para", "senti", "latter", "hate")
@@ -514,12 +515,9 @@ def reproduce(cfg: RLWatermarkConfig, run_dir: RunDir) -> ClaimReport:
 
 def trial(config: dict, storage: str) -> None:
     """Ray Tune driver: one GRPO run; reports the reward every iteration."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cfg = RLWatermarkConfig(**config).model_copy(update={"seeds": 1})
-    execute(cfg, storage, f"trial-{tune.get_context().get_trial_id()}", [cfg.reg_weight],
-            callbacks=[TuneReportCallback()])
+    tuned = trial_run()
+    execute(cfg, storage, tuned["name"], [cfg.reg_weight], callbacks=tuned["callbacks"])
 
 
 PIPELINE = Pipeline(
