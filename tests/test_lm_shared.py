@@ -256,6 +256,20 @@ def test_randomized_gumbel_varies_across_draws_within_the_nucleus():
     assert len(randomized_draws) >= 2 and randomized_draws <= {5, 6, 7}
 
 
+def test_randomized_gumbel_draws_from_the_keyed_distribution():
+    """x ~ Categorical(r_v^{1/p_v} / Σ_u r_u^{1/p_u}) for the fixed keyed r of one context."""
+    vocab, draws = 4, 20000
+    logits = torch.tensor([[0.3, 0.0, -0.2, 0.1]])
+    context = torch.tensor([[1, 2, 3, 4]])
+    randomized = GumbelWatermark(vocab, key=4, randomized=True, sampling_seed=0)
+    r = randomized.uniforms([1, 2, 3, 4])
+    expected = torch.pow(r, 1 / logits[0].softmax(-1))
+    expected /= expected.sum()  # here ≈ (0.32, 0.07, 0.51, 0.10)
+    counts = torch.bincount(randomized(context.expand(draws, 4), logits.expand(draws, vocab)).argmax(1),
+                            minlength=vocab)
+    assert (counts / draws - expected).abs().max() < 0.015  # 3 binomial standard deviations at most
+
+
 @pytest.mark.parametrize("randomized", [False, True])
 def test_gumbel_generation_is_detected(tokenizer, randomized):
     model = _tiny(tokenizer, seed=7)

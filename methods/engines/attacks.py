@@ -4,9 +4,10 @@ Every attack takes any classifier ``model`` (inputs → logits), a batch ``x`` i
 ``bounds = (lo, hi)`` and labels ``y``: the true classes, or the target classes when
 ``cfg.targeted``. Attacks run under :func:`attack_mode`: eval mode (batch-norm statistics and
 dropout untouched), gradients enabled even inside ``torch.no_grad()``, and every submodule's
-previous mode restored afterwards. Gradients are taken with respect to the input only, so the
-parameters' ``.grad`` is never written. The only randomness (the PGD random start) comes from a
-``torch.Generator``, never from the global RNG.
+previous mode restored afterwards, with freed memory kept mapped (:mod:`methods.engines.memory`,
+process-wide). Gradients are taken with ``torch.autograd.grad`` with respect to the input only, so
+the parameters' gradients are neither computed nor written to ``.grad``. The only randomness (the
+PGD random start) comes from a ``torch.Generator``, never from the global RNG.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
+
+from methods.engines.memory import retain_freed_memory
 
 Bounds = tuple[float, float]
 
@@ -57,21 +60,17 @@ class CWResult(NamedTuple):
 
 @contextmanager
 def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode with gradients enabled for inputs only (parameters frozen, so backward skips their
-    gradients); restores each submodule's ``training`` flag and each parameter's ``requires_grad``."""
-    modes = [(m, m.training) for m in model.modules()]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model.eval()
+    """Eval mode with gradients enabled; restores each submodule's ``training`` flag afterwards."""
+    retain_freed_memory()
+    training = [m for m in model.modules() if m.training]
+    if training:
+        model.eval()
     try:
-        for p in trainable:
-            p.requires_grad_(False)
         with torch.enable_grad():
             yield model
     finally:
-        for m, training in modes:
-            m.training = training
-        for p in trainable:
-            p.requires_grad_(True)
+        for m in training:
+            m.training = True
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, cfg: FGSMConfig, *, bounds: Bounds = (0.0, 1.0)) -> Tensor:

@@ -4,6 +4,9 @@
 ``vmap(grad(...))`` maps that over the batch. Buffers are read, never updated: models with batch
 norm must be in eval mode. Shared by GraNd (data_diet), influence scores, gradient coherence and
 layer-wise gradients.
+
+vmap turns each convolution's per-example weight gradient into one grouped convolution with large
+temporary buffers, so the engine keeps freed memory mapped (:mod:`methods.engines.memory`).
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+from methods.engines.memory import retain_freed_memory
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -29,6 +34,7 @@ def per_example_grads(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: tor
     """
     if _batch_norm_in_train_mode(model):
         raise ValueError("per-example gradients need batch norm in eval mode (call model.eval())")
+    retain_freed_memory()
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     buffers = {k: b.detach() for k, b in model.named_buffers()}
 

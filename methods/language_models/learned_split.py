@@ -50,7 +50,7 @@ class SplitEncoder(nn.Module):
 
     def green_of(self, e: torch.Tensor) -> torch.Tensor:
         """Straight-through green indicators over the vocabulary from embeddings e (..., D) → (..., V)."""
-        return ((sign_ste(e) + 1) / 2)[..., self.mapping]
+        return ((sign_ste(e) + 1) / 2).index_select(-1, self.mapping)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T, V) green indicators g_t[v] of the token after each prefix."""
@@ -63,8 +63,8 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def bias_logits(logits: torch.Tensor, green: torch.Tensor, delta: float, gate: torch.Tensor) -> torch.Tensor:
-    """logits·(1 + δ·g) where ``gate`` (broadcast over the vocabulary) is true."""
-    return torch.where(gate[..., None], logits * (1 + delta * green), logits)
+    """logits·(1 + δ·g) where ``gate`` (broadcast over the vocabulary) is true, else logits."""
+    return logits * (green * (delta * gate[..., None])).add_(1)
 
 
 def generation_gate(logits: torch.Tensor, generated: int, alpha: float, measure_threshold: int) -> torch.Tensor:

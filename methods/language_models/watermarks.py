@@ -119,10 +119,13 @@ class KGWWatermark(_ContextKeyedWatermark):
         return torch.randperm(self.vocab_size, generator=self._seeded(context))[: self.greenlist_size]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        biased = scores.clone()
-        for row, context in enumerate(input_ids[:, -self.context_width :].tolist()):
-            biased[row, self.greenlist(context).to(scores.device)] += self.delta
-        return biased
+        contexts = input_ids[:, -self.context_width :].tolist()
+        perms = torch.empty(len(contexts), self.vocab_size, dtype=torch.long)
+        for row, context in enumerate(contexts):  # each permutation drawn straight into its row
+            torch.randperm(self.vocab_size, generator=self._seeded(context), out=perms[row])
+        green = perms[:, : self.greenlist_size].to(scores.device)
+        return scores.scatter_add(1, green, torch.full(green.shape, self.delta, dtype=scores.dtype,
+                                                           device=scores.device))
 
     def detect(
         self, token_ids: Sequence[int], first_scored: int | None = None, ignore_repeated_ngrams: bool = False
@@ -193,11 +196,14 @@ class GumbelWatermark(_ContextKeyedWatermark):
         probs = warped.softmax(dim=-1).cpu()
         contexts = input_ids[:, -self.context_width :].tolist()
         # log r_v^{1/p_v} = log(r_v)/p_v; tokens outside the nucleus (p_v = 0) get −inf.
-        log_keys = torch.stack([self.uniforms(context) for context in contexts]).log() / probs
-        if self.randomized:
-            tokens = torch.multinomial(log_keys.softmax(dim=-1), 1, generator=self._sampler)
-        else:
-            tokens = log_keys.argmax(dim=-1, keepdim=True)
+        uniforms = torch.empty(len(contexts), self.vocab_size)
+        for row, context in enumerate(contexts):
+            torch.rand(self.vocab_size, generator=self._seeded(context), out=uniforms[row])
+        log_keys = uniforms.log_() / probs
+        if self.randomized:  # x ~ Categorical(∝ r_v^{1/p_v}) by the exponential race argmax_v r_v^{1/p_v} / E_v
+            exponential = torch.rand(log_keys.shape, generator=self._sampler).log_().neg_()  # E = −log U
+            log_keys -= exponential.log_()
+        tokens = log_keys.argmax(dim=-1, keepdim=True)
         return torch.full_like(scores, -math.inf).scatter_(1, tokens.to(scores.device), 0.0)
 
     def detect(
