@@ -130,3 +130,16 @@ def prepare(model: torch.nn.Module) -> torch.nn.Module:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def average_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """All-reduce the mean gradient over Train workers, for models that skip DDP (e.g. called several
+    times per backward)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size

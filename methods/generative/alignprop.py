@@ -31,9 +31,8 @@ from methods.generative.ddpo import PerPromptStatTracker, ddpo_iteration
 from methods.generative.evaluation import balanced_labels, sample_metrics
 from methods.generative.judges import ConvClassifier, class_log_prob, extract_features
 from methods.generative.models import add_lora, load_lora_soup, lora_state
-from methods.generative.pretrain import (GenerativeConfig, GeneratorSpec, average_gradients, build_generator,
-                                         cache_root, ensure_pretrained, generator_spec, judge_spec, load_generator,
-                                         load_judges)
+from methods.generative.pretrain import (GenerativeConfig, GeneratorSpec, build_generator, cache_root,
+                                         ensure_pretrained, generator_spec, judge_spec, load_generator, load_judges)
 from methods.generative.samplers import cfg_predictor, sample_ddim
 from methods.generative.schedules import make_ddim_scheduler, make_ddpm_scheduler
 from pipelines import train
@@ -145,14 +144,14 @@ def train_step(cfg: AlignPropConfig, arm: str, model, proxy, scheduler, labels: 
         return ddpo_iteration(model, proxy, scheduler, labels, generator, tracker, optimizer,
                               minibatch=cfg.ddpo_minibatch, clip_range=cfg.ddpo_clip, adv_clip=cfg.ddpo_adv_clip,
                               max_grad_norm=cfg.ddpo_max_grad_norm, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                              reduce_grads=lambda: average_gradients(model, world_size))
+                              reduce_grads=lambda: train.average_gradients(model, world_size))
     k = truncation_steps(arm, cfg.num_inference_steps, generator)
     loss, rewards = reward_backprop(model, proxy, scheduler, labels, generator, k, guidance_scale=cfg.guidance_scale,
                                     eta=cfg.eta, checkpoint=cfg.checkpointing, loss_coeff=cfg.loss_coeff,
                                     reward_target=cfg.reward_target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    average_gradients(model, world_size)
+    train.average_gradients(model, world_size)
     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
     return {"train_reward": rewards.mean().item(), "grad_steps": k}

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +29,7 @@ from methods.generative.models import ClassConditionalUNet
 from methods.generative.schedules import diffusion_loss, flow_matching_loss, make_ddpm_scheduler
 from pipelines import train
 from pipelines.config import MethodConfig
+from pipelines.results import atomic_dir
 
 VERSION = 1  # bump when training code changes what a spec produces
 WEIGHTS, META = "weights.pt", "meta.json"
@@ -174,23 +172,11 @@ def generator_epoch(model: ClassConditionalUNet, optimizer: torch.optim.Optimize
             loss = flow_matching_loss(model, x0, c, spec.label_dropout, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(model, world_size)
+        train.average_gradients(model, world_size)
         optimizer.step()
         losses.append(loss.item())
     model.eval()
     return sum(losses) / len(losses)
-
-
-def average_gradients(model: torch.nn.Module, world_size: int) -> None:
-    """All-reduce the mean gradient over Train workers (models called several times per backward skip DDP)."""
-    if world_size == 1:
-        return
-    import torch.distributed as dist
-
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world_size
 
 
 def pretrain_loop(config: dict) -> None:
@@ -239,14 +225,10 @@ def _train_generator(spec: GeneratorSpec, session: train.WorkerSession, state: d
 
 
 def save_unit(path: Path, weights: dict, meta: dict) -> None:
-    """Write ``weights.pt`` and ``meta.json`` into a temp folder beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    """Write ``weights.pt`` and ``meta.json`` into ``path`` atomically."""
+
+    def write(tmp: Path) -> None:
         torch.save(weights, tmp / WEIGHTS)
         (tmp / META).write_text(json.dumps(meta))
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_dir(path, write)

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ from methods.language_models.tiny_lm import Family, build_tiny_lm, causal_lm_los
 from methods.language_models.tokenizer import load_tokenizer, save_tokenizer
 from pipelines import train
 from pipelines.config import MethodConfig
+from pipelines.results import atomic_dir, atomic_write
 
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -59,7 +57,7 @@ def cached_tokenizer(storage: str, name: str, build: Callable[[], PreTrainedToke
     if (path / "tokenizer.json").exists():
         return load_tokenizer(path)
     tokenizer = build()
-    _atomic_dir(path, lambda tmp: save_tokenizer(tokenizer, tmp))
+    atomic_dir(path, lambda tmp: save_tokenizer(tokenizer, tmp))
     return tokenizer
 
 
@@ -137,7 +135,7 @@ def pretrain_loop(config: dict) -> None:
             (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": config["fingerprint"],
                                                             "losses": state["losses"]}))
 
-        _atomic_dir(Path(config["target"]), write)
+        atomic_dir(Path(config["target"]), write)
 
 
 def _build(spec: LMSpec, vocab_size: int, special: dict) -> PreTrainedModel:
@@ -150,26 +148,9 @@ def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
             "pad_token_id": tokenizer.pad_token_id}
 
 
-def _atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
-    """Write a folder beside ``path`` and rename it into place (concurrent trials may race)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        write(tmp)
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_stage_result(path: str | Path, result: dict) -> None:
     """Cache a stage's result under the run's storage (atomic), for reruns to reuse."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(result, tmp)
-    os.replace(tmp, path)
+    atomic_write(Path(path), lambda tmp: torch.save(result, tmp))
 
 
 def load_stage_result(path: str | Path) -> dict:
