@@ -4,7 +4,8 @@
 
 Generates ``--new-tokens`` tokens for ``--batch`` prompts with the KV cache (transformers
 ``generate``), every scheme with the same nucleus ``--top-p``: plain sampling, KGW (δ = 2, γ = 0.25,
-context 4), Gumbel argmax and randomized, and the RL watermark's learned split. Prints generated
+context 4), transformers' own KGW processor (lefthash, context 1) for reference, Gumbel argmax and
+randomized, and the RL watermark's learned split. Prints generated
 tokens/s (best of ``--repeats`` interleaved timings) and the ratio watermarked / plain (goal ≥ 0.9),
 then scored tokens/s of each detector.
 """
@@ -14,10 +15,11 @@ import argparse
 import time
 
 import torch
+from transformers import WatermarkLogitsProcessor
 
 from methods.language_models.learned_split import LearnedSplitWatermark, SplitEncoder
 from methods.language_models.tiny_lm import build_tiny_lm, generate
-from methods.language_models.watermarks import GumbelWatermark, KGWWatermark
+from methods.language_models.watermarks import TRANSFORMERS_HASH_KEY, GumbelWatermark, KGWWatermark
 
 
 def best_time(fn, repeats: int) -> float:
@@ -48,6 +50,8 @@ def main() -> None:
     prompts = torch.randint(0, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
     n = args.new_tokens
     kgw = KGWWatermark(args.vocab, gamma=0.25, delta=2.0, context_width=4, key=1)
+    reference = WatermarkLogitsProcessor(args.vocab, "cpu", greenlist_ratio=0.25, bias=2.0,
+                                         hashing_key=TRANSFORMERS_HASH_KEY, seeding_scheme="lefthash", context_width=1)
     top_p = args.top_p
     gumbel = GumbelWatermark(args.vocab, context_width=4, key=1, top_p=top_p)
     randomized = GumbelWatermark(args.vocab, context_width=4, key=1, top_p=top_p, randomized=True, sampling_seed=0)
@@ -56,6 +60,8 @@ def main() -> None:
     runs = {
         "plain (sampled)": lambda: generate(model, prompts, n, do_sample=True, top_p=top_p, seed=0),
         "KGW": lambda: generate(model, prompts, n, do_sample=True, top_p=top_p, logits_processors=[kgw], seed=0),
+        "transformers KGW": lambda: generate(model, prompts, n, do_sample=True, top_p=top_p,
+                                             logits_processors=[reference], seed=0),
         "Gumbel argmax": lambda: generate(model, prompts, n, logits_processors=[gumbel]),
         "Gumbel randomized": lambda: generate(model, prompts, n, logits_processors=[randomized]),
         "RL learned split": lambda: generate(model, prompts, n, do_sample=True, top_p=top_p, logits_processors=[learned],
