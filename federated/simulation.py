@@ -14,17 +14,17 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from federated.apps import ClientSettings, build_model, federation, make_client_app
 from federated.autoencoder import ConvAutoencoder, reconstruction_error
-from federated.strategies import STRATEGIES, make_strategy
+from federated.strategies import StrategyName, make_strategy
 
 
 class FedSettings(ClientSettings):
     """Federation, server and resource settings (client data and training inherited)."""
 
-    strategy: str = "fedagain"
+    strategy: StrategyName = "fedagain"
     num_rounds: int = Field(15, ge=1)
     fraction_train: float = Field(0.5, gt=0, le=1)
     min_train_clients: int = Field(2, ge=1)  # sampled per round: max(int(K f), this)
@@ -35,13 +35,6 @@ class FedSettings(ClientSettings):
     num_gpus: float = Field(0.0, ge=0)  # per client actor
     ray_num_cpus: int | None = Field(None, ge=1)  # only used when simulate() starts Ray
     round_timeout: float = Field(120.0, gt=0)  # seconds to wait for a round's replies
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, name: str) -> str:
-        if name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
-        return name
 
     @model_validator(mode="after")
     def _sample_fits(self) -> FedSettings:

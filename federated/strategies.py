@@ -8,11 +8,13 @@ timeout, aggregates the remaining replies, and adds ``failures`` to the round's 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Annotated
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from pydantic import AfterValidator
 
 from federated import aggregation
 
@@ -123,10 +125,19 @@ STRATEGIES: dict[str, type[FedAvg]] = {
 _COUNTED = {name: type(cls.__name__, (CountFailures, cls), {}) for name, cls in STRATEGIES.items()}
 
 
+def known_strategy(name: str) -> str:
+    """Config validator: the name of a registered strategy."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    return name
+
+
+StrategyName = Annotated[str, AfterValidator(known_strategy)]
+
+
 def make_strategy(name: str, **kwargs) -> FedAvg:
     """Strategy ``name`` built with Flower's keyword arguments (``fraction_train``, ``beta``
     for fedtrimmedavg, ``num_malicious_nodes`` for krum, ...), counting failed replies."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
+    known_strategy(name)
     kwargs.setdefault("train_metrics_aggr_fn", mean_metrics)
     return _COUNTED[name](**kwargs)

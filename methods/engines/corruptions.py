@@ -12,8 +12,10 @@ change) grows with severity.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
 import numpy as np
+from pydantic import AfterValidator
 from scipy import ndimage
 
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
@@ -236,6 +238,19 @@ CORRUPTIONS: dict[str, Corruption] = {
         lens_distortion, resolution_change, specular_reflection, color_changes,
     )
 }
+
+
+def known_corruptions(names: list[str]) -> list[str]:
+    """Config validator: distinct names of registered corruptions."""
+    unknown = sorted(set(names) - set(CORRUPTIONS))
+    if unknown:
+        raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(sorted(CORRUPTIONS))}")
+    if len(set(names)) != len(names):
+        raise ValueError("corruptions must be distinct")
+    return names
+
+
+CorruptionNames = Annotated[list[str], AfterValidator(known_corruptions)]
 
 
 def corrupt(

@@ -24,8 +24,8 @@ from federated.autoencoder import reconstruction_error
 from federated.clients import Attack
 from federated.metrics import corruption_table
 from federated.simulation import FedSettings, simulate
-from federated.strategies import STRATEGIES
-from methods.engines.corruptions import CORRUPTIONS, SEVERITIES
+from federated.strategies import STRATEGIES, StrategyName
+from methods.engines.corruptions import CORRUPTIONS, SEVERITIES, CorruptionNames
 from pipelines.claims import ClaimReport, compare
 from pipelines.config import MethodConfig
 from pipelines.registry import Pipeline
@@ -38,7 +38,7 @@ SCORES = ("auc", "precision", "recall", "f1")
 
 
 class FedAgainConfig(MethodConfig):
-    strategy: str = Field("fedagain", description=f"aggregation: {', '.join(STRATEGIES)}")
+    strategy: StrategyName = Field("fedagain", description=f"aggregation: {', '.join(STRATEGIES)}")
     clients: int = Field(10, ge=2)
     rounds: int = Field(15, ge=1)
     fraction_fit: float = Field(0.5, gt=0, le=1, description="share of clients sampled per round")
@@ -48,7 +48,7 @@ class FedAgainConfig(MethodConfig):
     forgers: int = Field(0, ge=0, description="clients that send crafted updates")
     forger_attack: Attack = "signflip"
     forger_scale: float = Field(10.0, gt=0)
-    corruptions: list[str] = Field(sorted(CORRUPTIONS), min_length=1)
+    corruptions: CorruptionNames = Field(sorted(CORRUPTIONS), min_length=1)
     severities: list[int] = Field(list(SEVERITIES), min_length=1, description="evaluated severities")
     dataset: Literal["digits", "sample_crops"] = "digits"
     normal_classes: list[int] = Field([0, 1, 2, 3, 4], min_length=1)
@@ -67,21 +67,6 @@ class FedAgainConfig(MethodConfig):
     crash_clients: list[int] = Field([], description="partitions whose ClientApp raises (fault test)")
     vanish_clients: list[int] = Field([], description="partitions whose process dies mid-round")
     seeds: int = Field(1, ge=1, description="reproduce: seeds seed, seed+1, …")
-
-    @field_validator("strategy")
-    @classmethod
-    def _strategy(cls, name: str) -> str:
-        if name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
-        return name
-
-    @field_validator("corruptions")
-    @classmethod
-    def _corruptions(cls, names: list[str]) -> list[str]:
-        unknown = sorted(set(names) - set(CORRUPTIONS))
-        if unknown:
-            raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(sorted(CORRUPTIONS))}")
-        return names
 
     @field_validator("severities")
     @classmethod
