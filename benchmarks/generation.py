@@ -6,8 +6,8 @@ Generates ``--new-tokens`` tokens for ``--batch`` prompts with the KV cache (tra
 ``generate``), every scheme with the same nucleus ``--top-p``: plain sampling, KGW (δ = 2, γ = 0.25,
 context 4), transformers' own KGW processor (lefthash, context 1) for reference, Gumbel argmax and
 randomized, and the RL watermark's learned split. Prints generated
-tokens/s (best of ``--repeats`` interleaved timings) and the ratio watermarked / plain (goal ≥ 0.9),
-then scored tokens/s of each detector.
+tokens/s (best of ``--repeats`` interleaved timings), the ratio watermarked / plain (goal ≥ 0.9) and
+the scheme's own cost per token, then scored tokens/s of each detector.
 """
 from __future__ import annotations
 
@@ -74,11 +74,13 @@ def main() -> None:
     plain = min(timings["plain (sampled)"])
     print(f"generation: {args.batch} prompts × {n} new tokens, vocab {args.vocab}, "
           f"{args.layers}×{args.dim} GPT-2, top-p {top_p}, {args.threads} thread(s)")
-    print(f"{'scheme':<20} {'tokens/s':>10} {'ratio':>7}")
+    print(f"{'scheme':<20} {'tokens/s':>10} {'ratio':>7} {'µs/token vs plain':>18}")
     for name, ts in timings.items():
         t = min(ts)
-        print(f"{name:<20} {args.batch * n / t:>10.0f} {plain / t:>7.2f}" + ("" if name.startswith("plain") or
-                                                                         plain / t >= 0.9 else "  (< 0.9 goal)"))
+        goal = "" if name.startswith("plain") or plain / t >= 0.9 else "  (< 0.9 goal)"
+        print(f"{name:<20} {args.batch * n / t:>10.0f} {plain / t:>7.2f} {(t - plain) / (args.batch * n) * 1e6:>+18.1f}"
+              + goal)
+    print("(µs/token: the scheme's own cost per generated token, whatever the LM's depth and width)")
 
     sequences = torch.cat([prompts, generate(model, prompts, n, do_sample=True, logits_processors=[kgw], seed=1)], 1)
     rows = sequences.tolist()
