@@ -112,13 +112,31 @@ class WorkerSession:
         return min(self._all(value))
 
 
+class _RayInfoFilter(logging.Filter):
+    """Drops records below WARNING that Ray's own modules logged; keeps everything else."""
+
+    def __init__(self):
+        super().__init__()
+        import ray
+
+        self.ray_dir = os.path.dirname(ray.__file__) + os.sep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.ray_dir)
+
+
 def quiet_console(logger_name: str) -> None:
-    """Keep a logger's per-report INFO lines in its log file, out of the console."""
+    """Keep Ray's per-report INFO lines in the log files, out of the console.
+
+    Train shares ``logger_name``'s console handler with the root logger, which also carries the
+    workers' ``print`` output (progress lines) and Ray modules' INFO records: the handler drops
+    only records below WARNING that come from Ray's own code.
+    """
     from ray._private.log import PlainRayHandler
 
     for handler in logging.getLogger(logger_name).handlers:
-        if isinstance(handler, PlainRayHandler):
-            handler.setLevel(logging.WARNING)
+        if isinstance(handler, PlainRayHandler) and not any(isinstance(f, _RayInfoFilter) for f in handler.filters):
+            handler.addFilter(_RayInfoFilter())
 
 
 def prepare(model: torch.nn.Module) -> torch.nn.Module:
