@@ -104,12 +104,12 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, cfg: PGDConfig, *, bounds: Bound
     with attack_mode(model):
         for _ in range(cfg.steps):
             g = _ascent_grad(model, x_adv, y, cfg.targeted)
-            if cfg.norm == "linf":
-                delta = (x_adv + cfg.alpha * g.sign() - x).clamp(-cfg.eps, cfg.eps)
+            if cfg.norm == "linf":  # one new tensor per step, updated in place
+                delta = torch.add(x_adv, g.sign_(), alpha=cfg.alpha).sub_(x).clamp_(-cfg.eps, cfg.eps)
             else:
                 delta = x_adv + cfg.alpha * g / _norms(g).clamp_min(1e-12) - x
                 delta = delta * (cfg.eps / _norms(delta).clamp_min(1e-12)).clamp(max=1.0)
-            x_adv = (x + delta).clamp(lo, hi)
+            x_adv = delta.add_(x).clamp_(lo, hi)
     return x_adv
 
 
