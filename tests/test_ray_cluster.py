@@ -109,10 +109,17 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     env = env_for_subprocesses()
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    storage = out / "ray" / "data_diet"
+    snapshot = out / "ray" / "data_diet" / "checkpoint_manager_snapshot.json"
+
+    def checkpoint_registered() -> bool:  # Train's record of a persisted checkpoint, not just its folder
+        try:
+            return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
     try:
         deadline = time.time() + 400
-        while not list(storage.glob("checkpoint_*")):
+        while not checkpoint_registered():
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "no checkpoint was written"
             time.sleep(0.5)
