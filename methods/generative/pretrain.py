@@ -221,6 +221,8 @@ def _train_generator(spec: GeneratorSpec, session: train.WorkerSession, state: d
                    "generator": generator.get_state(), "losses": current["losses"] + [loss]}
         state["current"] = current
         session.report({"unit": number + 1, "epoch": epoch + 1, "loss": loss}, state)
+        if session.rank == 0 and ((epoch + 1) % 10 == 0 or epoch + 1 == spec.epochs):
+            print(f"[pretrain {key}] epoch {epoch + 1}/{spec.epochs}: loss {loss:.4f}", flush=True)
     return model.state_dict(), {"losses": current["losses"]}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from methods.language_models.tiny_lm import Family, build_tiny_lm, causal_lm_loss
+from methods.language_models.tiny_lm import Family, build_tiny_lm, causal_lm_loss, with_causal_lm_loss
 from methods.language_models.tokenizer import load_tokenizer, save_tokenizer
 from pipelines import train
 from pipelines.config import MethodConfig
@@ -91,7 +91,7 @@ def load_lm(path: str | Path) -> PreTrainedModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    return with_causal_lm_loss(AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval())
 
 
 def pretrain_loop(config: dict) -> None:
@@ -126,7 +126,13 @@ def pretrain_loop(config: dict) -> None:
         state = {"epoch": epoch, "model": train.unwrap(ddp).state_dict(), "optimizer": optimizer.state_dict(),
                  "generator": generator.get_state(), "losses": state["losses"] + [sum(losses) / len(losses)]}
         session.report({"epoch": epoch + 1, "loss": state["losses"][-1]}, state, force=epoch == spec.epochs - 1)
+        if session.rank == 0:
+            print(f"[pretrain {Path(config['target']).parent.name}] epoch {epoch + 1}/{spec.epochs}: "
+                  f"loss {state['losses'][-1]:.3f}", flush=True)
     if session.rank == 0:  # the driver loads the model from the cache (Train local mode keeps no checkpoint)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         model = _build(spec, config["vocab_size"], config["special"])
         model.load_state_dict(state["model"])
 

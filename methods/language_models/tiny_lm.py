@@ -73,7 +73,15 @@ def build_tiny_lm(
         raise ValueError(f"unknown family {family!r}; expected 'gpt2' or 'llama'")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return model_class(config)
+        model = model_class(config)
+    return with_causal_lm_loss(model)
+
+
+def with_causal_lm_loss(model: PreTrainedModel) -> PreTrainedModel:
+    """Name transformers' causal-LM loss explicitly: ``GPT2LMHeadModel`` matches no entry of its loss
+    map and would warn at the first loss before falling back to this same loss."""
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def token_blocks(token_ids: Sequence[int], block_size: int) -> torch.LongTensor:
