@@ -260,7 +260,9 @@ def summarize(table: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 
 def run(cfg: DataDietConfig, run_dir: RunDir) -> dict:
-    run_dir.log(f"{len(plan(cfg))} training units on {cfg.num_workers} Ray Train worker(s)")
+    readings = cfg.seeds * cfg.inits if cfg.grand_at == "init" else 0
+    run_dir.log(f"{len(plan(cfg))} training units" + (f" and {readings} GraNd-at-init readings" if readings else "")
+                + f" on {cfg.num_workers} Ray Train worker(s)")
     state = execute(cfg, run_dir.storage, "data_diet")
     done = state["done"]
     scores = score_table(cfg, done)
