@@ -5,9 +5,9 @@
 Generates ``--new-tokens`` tokens for ``--batch`` prompts with the KV cache (transformers
 ``generate``), every scheme with the same nucleus ``--top-p``: plain sampling, KGW (δ = 2, γ = 0.25,
 context 4), transformers' own KGW processor (lefthash, context 1) for reference, Gumbel argmax and
-randomized, and the RL watermark's learned split. Prints generated
-tokens/s (best of ``--repeats`` interleaved timings), the ratio watermarked / plain (goal ≥ 0.9) and
-the scheme's own cost per token, then scored tokens/s of each detector.
+randomized, and the RL watermark's learned split. Prints generated tokens/s (best of ``--repeats``
+interleaved timings), the ratio watermarked / plain (goal ≥ 0.9) and the scheme's own cost per
+token, then scored tokens/s of each detector.
 """
 from __future__ import annotations
 
