@@ -34,6 +34,7 @@ Seeding = Literal["three_bricks", "lefthash"]
 THREE_BRICKS_SALT = 35317
 TRANSFORMERS_HASH_KEY = 15485863
 _MODULUS = 2**64 - 1
+DETECTION_CHUNK = 256  # positions whose green lists are drawn at once in detection
 
 
 def context_seed(context: Sequence[int], key: int, seeding: Seeding = "three_bricks") -> int:
@@ -116,14 +117,17 @@ class KGWWatermark(_ContextKeyedWatermark):
 
     def greenlist(self, context: Sequence[int]) -> torch.LongTensor:
         """G(context) = randperm(|V|)[:⌊γ|V|⌋] under the context-seeded generator."""
-        return torch.randperm(self.vocab_size, generator=self._seeded(context))[: self.greenlist_size]
+        return self.greenlists([context])[0]
+
+    def greenlists(self, contexts: Sequence[Sequence[int]]) -> torch.LongTensor:
+        """(N, ⌊γ|V|⌋): G of each context, each permutation drawn straight into its row."""
+        perms = torch.empty(len(contexts), self.vocab_size, dtype=torch.long)
+        for row, context in enumerate(contexts):
+            torch.randperm(self.vocab_size, generator=self._seeded(context), out=perms[row])
+        return perms[:, : self.greenlist_size]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        contexts = input_ids[:, -self.context_width :].tolist()
-        perms = torch.empty(len(contexts), self.vocab_size, dtype=torch.long)
-        for row, context in enumerate(contexts):  # each permutation drawn straight into its row
-            torch.randperm(self.vocab_size, generator=self._seeded(context), out=perms[row])
-        green = perms[:, : self.greenlist_size].to(scores.device)
+        green = self.greenlists(input_ids[:, -self.context_width :].tolist()).to(scores.device)
         return scores.scatter_add(1, green, torch.full(green.shape, self.delta, dtype=scores.dtype,
                                                            device=scores.device))
 
@@ -136,7 +140,11 @@ class KGWWatermark(_ContextKeyedWatermark):
         `WatermarkDetector(ignore_repeated_ngrams=True)` and three_bricks `scoring_method='v2'`.
         """
         pairs = self._scored_positions(token_ids, first_scored, ignore_repeated_ngrams)
-        num_green = sum(int(token in set(self.greenlist(context).tolist())) for context, token in pairs)
+        num_green = 0
+        for start in range(0, len(pairs), DETECTION_CHUNK):  # bounded memory: DETECTION_CHUNK × |V| indices
+            chunk = pairs[start : start + DETECTION_CHUNK]
+            tokens = torch.tensor([token for _, token in chunk])
+            num_green += int((self.greenlists([context for context, _ in chunk]) == tokens[:, None]).any(1).sum())
         total, gamma = len(pairs), self.gamma
         z = (num_green - gamma * total) / math.sqrt(total * gamma * (1 - gamma))
         return KGWDetection(
