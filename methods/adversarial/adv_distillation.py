@@ -18,14 +18,13 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan
+from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan, unit_trial
 from methods.classifiers import build_classifier, predict_proba
 from methods.engines.attacks import CWConfig, FGSMConfig, cw_l2, fgsm
 from pipelines import train
 from pipelines.claims import ClaimReport, compare
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
-from pipelines.sweep import trial_run
 from pipelines.units import Unit, cpu_state
 
 ARMS = ("undefended", "distilled", "distilled_logits_over_T")
@@ -295,17 +294,11 @@ def reproduce(cfg: AdvDistillationConfig, run_dir: RunDir) -> ClaimReport:
     return ClaimReport(headline=headline, more=more)
 
 
-def trial(config: dict, storage: str) -> None:
-    """Ray Tune driver: one job per sampled config; the attack success rates are reported at the end."""
-    cfg = AdvDistillationConfig(**config)
-    fit_units(train_loop, cfg, storage=storage, **trial_run())
-
-
 PIPELINE = Pipeline(
     config=AdvDistillationConfig,
     run=run,
     reproduce=reproduce,
-    trial=trial,
+    trial=unit_trial(train_loop, AdvDistillationConfig),
     sweep_metric=SWEEP_METRIC,
     sweep_mode="min",
     profiles={

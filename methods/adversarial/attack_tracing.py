@@ -23,14 +23,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan
+from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan, unit_trial
 from methods.classifiers import accuracy, build_classifier, predict_proba
 from methods.engines.attacks import FGSMConfig, PGDConfig, fgsm, pgd
 from pipelines import train
 from pipelines.claims import ClaimReport, compare
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
-from pipelines.sweep import trial_run
 from pipelines.units import Unit, cpu_state, unit_seed
 
 ATTACKS = ("fgsm", "pgd")
@@ -299,17 +298,11 @@ def reproduce(cfg: AttackTracingConfig, run_dir: RunDir) -> ClaimReport:
     return ClaimReport(headline=claims[0], more=claims[1:])
 
 
-def trial(config: dict, storage: str) -> None:
-    """Ray Tune driver: one job per sampled config; the tracing accuracies are reported at the end."""
-    cfg = AttackTracingConfig(**config)
-    fit_units(train_loop, cfg, storage=storage, **trial_run())
-
-
 PIPELINE = Pipeline(
     config=AttackTracingConfig,
     run=run,
     reproduce=reproduce,
-    trial=trial,
+    trial=unit_trial(train_loop, AttackTracingConfig),
     sweep_metric=SWEEP_METRIC,
     sweep_mode="max",
     profiles={

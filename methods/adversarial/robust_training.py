@@ -19,6 +19,7 @@ from methods.engines.attacks import PGDConfig, adversarial_batch
 from pipelines import train
 from pipelines.config import MethodConfig
 from pipelines.data import build_splits, load_shard
+from pipelines.sweep import trial_run
 from pipelines.units import Epoch, Optimizer, Unit, run_units
 
 
@@ -85,3 +86,13 @@ def fit_units(loop: Callable[[dict], None], cfg: TrainingConfig, *, storage: str
     result = train.fit(loop, {"cfg": cfg.model_dump(), "num_classes": splits.num_classes}, cfg, name=name,
                        storage=storage, datasets=splits.as_dict(), callbacks=callbacks)
     return train.read_state(result.checkpoint)["done"]
+
+
+def unit_trial(loop: Callable[[dict], None], config_model: type[TrainingConfig]
+               ) -> Callable[[dict, str], None]:
+    """Ray Tune driver of a training plan: one :func:`fit_units` job per sampled config, whose reports
+    (each epoch's, and the final summary with the sweep metric) Tune receives."""
+    def trial(config: dict, storage: str) -> None:
+        fit_units(loop, config_model(**config), storage=storage, **trial_run())
+
+    return trial

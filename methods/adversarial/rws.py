@@ -15,14 +15,13 @@ import torch
 from pydantic import Field
 
 from methods.adversarial import signatures as rws
-from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan
+from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan, unit_trial
 from methods.classifiers import accuracy, build_classifier
 from methods.engines.corruptions import CorruptionNames, corrupt
 from pipelines import train
 from pipelines.claims import ClaimReport, compare
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
-from pipelines.sweep import trial_run
 from pipelines.units import Unit, cpu_state, unit_seed
 
 SWEEP_METRIC = "patch_gain"
@@ -281,17 +280,11 @@ def reproduce(cfg: RWSConfig, run_dir: RunDir) -> ClaimReport:
     return ClaimReport(headline=claims[0], more=claims[1:])
 
 
-def trial(config: dict, storage: str) -> None:
-    """Ray Tune driver: one job per sampled config; the mean patch gain is reported at the end."""
-    cfg = RWSConfig(**config)
-    fit_units(train_loop, cfg, storage=storage, **trial_run())
-
-
 PIPELINE = Pipeline(
     config=RWSConfig,
     run=run,
     reproduce=reproduce,
-    trial=trial,
+    trial=unit_trial(train_loop, RWSConfig),
     sweep_metric=SWEEP_METRIC,
     sweep_mode="max",
     profiles={

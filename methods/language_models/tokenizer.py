@@ -42,14 +42,7 @@ def train_bpe_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=EOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        extra_special_tokens=list(extra_special_tokens),
-        clean_up_tokenization_spaces=False,
-    )
+    return _for_transformers(backend, extra_special_tokens)
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> Path:
@@ -82,12 +75,18 @@ def train_word_tokenizer(texts: Iterable[str], extra_special_tokens: tuple[str, 
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(
         special_tokens=[EOS_TOKEN, PAD_TOKEN, UNK_TOKEN], show_progress=False))
+    return _for_transformers(backend, extra_special_tokens, unk_token=UNK_TOKEN)
+
+
+def _for_transformers(backend: Tokenizer, extra_special_tokens: tuple[str, ...], **special: str
+                      ) -> PreTrainedTokenizerFast:
+    """The trained backend as a transformers tokenizer: end-of-text as BOS and EOS, its own pad token."""
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=EOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        unk_token=UNK_TOKEN,
         extra_special_tokens=list(extra_special_tokens),
         clean_up_tokenization_spaces=False,
+        **special,
     )
