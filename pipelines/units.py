@@ -42,6 +42,11 @@ class Unit:
     progress: Callable[[int], dict] | None = None
 
 
+def unit_key(parts: tuple) -> str:
+    """A unit's key from its parts: ("prune", 0, "el2n", 0.5) → "prune/0/el2n/0.5"."""
+    return "/".join(map(str, parts))
+
+
 def unit_seed(key: str) -> int:
     """A stable seed per unit key (model init, data order), the same on every worker and run."""
     return zlib.crc32(key.encode())

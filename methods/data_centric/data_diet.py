@@ -24,7 +24,7 @@ from pipelines.data import build_splits, load_shard
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
 from pipelines.sweep import trial_run
-from pipelines.units import Unit, run_units, unit_seed
+from pipelines.units import Unit, run_units, unit_key, unit_seed
 
 Arm = Literal["el2n", "grand", "random", "el2n_lowest"]
 
@@ -80,10 +80,6 @@ def plan(cfg: DataDietConfig) -> list[tuple]:
     return units
 
 
-def _key(unit: tuple) -> str:
-    return "/".join(str(u) for u in unit)
-
-
 def mean_scores(cfg: DataDietConfig, done: dict, seed: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx, score averaged over the K scoring runs of ``seed``), sorted by example idx."""
     prefix = "grand0" if name == "grand" and cfg.grand_at == "init" else "score"
@@ -98,7 +94,7 @@ def kept_idx(cfg: DataDietConfig, done: dict, seed: int, arm: str, fraction: flo
     idx, scores = mean_scores(cfg, done, seed, score_name)
     keep = int(round(fraction * len(idx)))
     mode = {"random": "random", "el2n_lowest": "lowest"}.get(arm, "highest")
-    gen = torch.Generator().manual_seed(unit_seed(_key(("prune", seed, arm, fraction))))
+    gen = torch.Generator().manual_seed(unit_seed(unit_key(("prune", seed, arm, fraction))))
     return idx[keep_indices(scores, keep, offset=int(round(cfg.offset * len(idx))), generator=gen, mode=mode)]
 
 
@@ -126,17 +122,17 @@ def train_loop(loop_config: dict) -> None:
         rows = torch.arange(len(tr["idx"])) if unit[0] == "full" else \
             torch.isin(tr["idx"].cpu(), kept_idx(cfg, done, *unit[1:])).nonzero().flatten()
         # each worker trains on the kept rows of its own shard; equal counts keep DDP ranks in step
-        share = torch.randperm(len(rows), generator=torch.Generator().manual_seed(unit_seed(_key(unit))))
+        share = torch.randperm(len(rows), generator=torch.Generator().manual_seed(unit_seed(unit_key(unit))))
         rows = rows[share[:session.smallest(len(rows))]].to(session.device)
         return tr["x"][rows], tr["y"][rows]
 
     def retrained(model: torch.nn.Module, done: dict, unit: tuple) -> dict:
-        kept = kept_idx(cfg, done, *unit[1:]) if unit[0] == "prune" else done[_key(("score", unit[1], 0))]["idx"]
+        kept = kept_idx(cfg, done, *unit[1:]) if unit[0] == "prune" else done[unit_key(("score", unit[1], 0))]["idx"]
         return {"test_acc": accuracy(model, test["x"], test["y"]), "kept": len(kept)}
 
     units = []
     for unit in plan(cfg):
-        key = _key(unit)
+        key = unit_key(unit)
         if unit[0] == "score":
             if cfg.grand_at == "init":
                 units.append(Unit(f"grand0/{unit[1]}/{unit[2]}", 0, lambda done, k=key: fresh(k),
@@ -170,7 +166,7 @@ def score_table(cfg: DataDietConfig, done: dict) -> dict[str, np.ndarray]:
     """One row per (seed, example): labels, flip flag, and K-averaged EL2N and GraNd."""
     cols: dict[str, list] = {k: [] for k in ("seed", "idx", "label", "label_clean", "flipped", "el2n", "grand")}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        first = done[_key(("score", seed, 0))]
+        first = done[unit_key(("score", seed, 0))]
         order = torch.argsort(first["idx"])
         idx, e = mean_scores(cfg, done, seed, "el2n")
         _, g = mean_scores(cfg, done, seed, "grand")
@@ -188,9 +184,9 @@ def pruning_table(cfg: DataDietConfig, done: dict) -> dict[str, np.ndarray]:
     rows = []
     for unit in plan(cfg):
         if unit[0] == "prune":
-            rows.append((unit[1], unit[2], 1 - unit[3], done[_key(unit)]))
+            rows.append((unit[1], unit[2], 1 - unit[3], done[unit_key(unit)]))
         elif unit[0] == "full":
-            rows.append((unit[1], "full", 0.0, done[_key(unit)]))
+            rows.append((unit[1], "full", 0.0, done[unit_key(unit)]))
     return {"seed": np.array([r[0] for r in rows]), "arm": np.array([r[1] for r in rows]),
             "fraction_pruned": np.array([r[2] for r in rows]),
             "test_acc": np.array([r[3]["test_acc"] for r in rows]),

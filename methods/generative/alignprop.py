@@ -41,7 +41,7 @@ from pipelines.errors import UserError
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
 from pipelines.sweep import trial_run
-from pipelines.units import unit_seed
+from pipelines.units import unit_key, unit_seed
 
 Truncation = Literal["k1", "uniform", "gaussian", "full"]
 Arm = Literal["k1", "uniform", "gaussian", "full", "ddpo"]
@@ -98,10 +98,6 @@ DEVIATIONS = [
 
 def plan(cfg: AlignPropConfig) -> list[tuple[str, int]]:
     return [(arm, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for arm in cfg.arms]
-
-
-def _key(unit: tuple[str, int]) -> str:
-    return f"{unit[0]}/{unit[1]}"
 
 
 def truncation_steps(kind: Truncation, n: int, generator: torch.Generator) -> int:
@@ -179,7 +175,7 @@ def finetune_loop(config: dict) -> None:
 
     units = plan(cfg)
     for number, (arm, seed) in enumerate(units, 1):
-        key = _key((arm, seed))
+        key = unit_key((arm, seed))
         if key in state["done"]:
             continue
         seed_of_unit = unit_seed(key)
@@ -231,7 +227,7 @@ def finetune_loop(config: dict) -> None:
         state = {"done": {**state["done"], key: result}, "current": None}
         if session.rank == 0:
             print(f"[alignprop] {number}/{len(units)} {key} done", flush=True)
-    last = state["done"][_key(units[-1])]["curve"][-1]
+    last = state["done"][unit_key(units[-1])]["curve"][-1]
     session.report({"unit": len(units), "units": len(units), **{k: last[k] for k in ("samples", *CURVE_METRICS)}},
                    state, force=True)
 
@@ -297,20 +293,20 @@ def measure_costs(cfg: AlignPropConfig) -> dict[str, dict]:
 
 def curve_table(cfg: AlignPropConfig, done: dict) -> dict[str, np.ndarray]:
     rows = [{"arm": arm, "seed": seed, **point} for arm, seed in plan(cfg)
-            for point in done[_key((arm, seed))]["curve"]]
+            for point in done[unit_key((arm, seed))]["curve"]]
     return {k: np.array([r[k] for r in rows]) for k in ("arm", "seed", "samples", "train_reward", *CURVE_METRICS,
                                                          "precision", "recall")}
 
 
 def soup_table(cfg: AlignPropConfig, done: dict) -> dict[str, np.ndarray]:
     rows = [{"arm": arm, "seed": seed, **point} for arm, seed in plan(cfg) if arm != "ddpo"
-            for point in done[_key((arm, seed))]["soup"]]
+            for point in done[unit_key((arm, seed))]["soup"]]
     return {k: np.array([r[k] for r in rows]) for k in ("arm", "seed", "coef", *CURVE_METRICS)}
 
 
 def final(cfg: AlignPropConfig, done: dict, arm: str, metric: str) -> np.ndarray:
     """Per seed, ``metric`` at the end of the sample budget."""
-    return np.array([done[_key((arm, s))]["curve"][-1][metric] for s in range(cfg.seed, cfg.seed + cfg.seeds)])
+    return np.array([done[unit_key((arm, s))]["curve"][-1][metric] for s in range(cfg.seed, cfg.seed + cfg.seeds)])
 
 
 def plot_curves(run_dir: RunDir, table: dict[str, np.ndarray]) -> None:
@@ -341,7 +337,7 @@ def plot_samples(run_dir: RunDir, cfg: AlignPropConfig, done: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = {arm: done[_key((arm, cfg.seed))] for arm in cfg.arms}
+    first = {arm: done[unit_key((arm, cfg.seed))] for arm in cfg.arms}
     rows = [("pretrained", next(iter(first.values()))["grid_before"])] + [(arm, r["grid"]) for arm, r in first.items()]
     fig, axes = plt.subplots(len(rows), 1, figsize=(10, 0.8 * len(rows) + 0.5))
     for ax, (name, grid) in zip(axes, rows):
@@ -377,8 +373,8 @@ def write_outputs(run_dir: RunDir, cfg: AlignPropConfig, done: dict) -> dict:
     summary = {arm: {m: float(final(cfg, done, arm, m).mean()) for m in CURVE_METRICS} for arm in cfg.arms}
     for arm in cfg.arms:
         summary[arm]["cpu_seconds_per_update"] = float(np.mean(
-            [done[_key((arm, s))]["cpu_per_update"] for s in range(cfg.seed, cfg.seed + cfg.seeds)]))
-    pretrained = {m: float(np.mean([done[_key((cfg.arms[0], s))]["curve"][0][m]
+            [done[unit_key((arm, s))]["cpu_per_update"] for s in range(cfg.seed, cfg.seed + cfg.seeds)]))
+    pretrained = {m: float(np.mean([done[unit_key((cfg.arms[0], s))]["curve"][0][m]
                                     for s in range(cfg.seed, cfg.seed + cfg.seeds)])) for m in CURVE_METRICS}
     out = {"pretrained": pretrained, "final": summary, "samples_per_arm": cfg.samples, "deviations": DEVIATIONS}
     if any(arm != "ddpo" for arm in cfg.arms):

@@ -40,6 +40,7 @@ from pipelines.config import MethodConfig
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
 from pipelines.sweep import trial_run
+from pipelines.units import unit_key
 
 EL_NS = (3, 5, 10)
 
@@ -179,10 +180,6 @@ def plan(cfg: CodeEraserConfig, methods: list[str]) -> list[tuple]:
     return units
 
 
-def _key(unit: tuple) -> str:
-    return "/".join(str(u) for u in unit)
-
-
 def forget_index(cfg: CodeEraserConfig, seed: int) -> torch.Tensor:
     return torch.randperm(cfg.n_secret, generator=torch.Generator().manual_seed(seed))[: cfg.forget_size]
 
@@ -229,7 +226,7 @@ def unlearn_loop(config: dict) -> None:
     tau = done["thresholds"]
     units = plan(cfg, config["methods"])
     for number, unit in enumerate(units, 1):
-        key = _key(unit)
+        key = unit_key(unit)
         if key in done:
             continue
         forget = subset(data["secret_pool"], forget_index(cfg, unit[-1]))
@@ -275,7 +272,7 @@ def unlearn_loop(config: dict) -> None:
         current = None
         if session.rank == 0:
             print(f"[code_eraser] {number}/{len(units)} {key}: secret MA {done[key]['secret_ma']:.3f}", flush=True)
-    last = done[_key(units[-1])]
+    last = done[unit_key(units[-1])]
     session.report({"unit": len(units), "units": len(units), "epoch": 0, "secret_ma": last["secret_ma"],
                     "retain_ma": last["retain_ma"], "objective": last["retain_ma"] - last["secret_ma"]},
                    {"done": done}, force=True)
@@ -311,7 +308,7 @@ def results_table(cfg: CodeEraserConfig, done: dict, methods: list[str]) -> dict
     rows = []
     for unit in plan(cfg, methods):
         label = "original" if unit[0] == "original" else unit[1]
-        rows.append({"method": label, "seed": unit[-1], **done[_key(unit)]})
+        rows.append({"method": label, "seed": unit[-1], **done[unit_key(unit)]})
     columns = sorted({k for r in rows for k in r} - {"method", "seed"})
     table = {"method": np.array([r["method"] for r in rows]), "seed": np.array([r["seed"] for r in rows])}
     table.update({c: np.array([r.get(c, np.nan) for r in rows], dtype=float) for c in columns})

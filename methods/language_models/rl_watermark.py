@@ -20,7 +20,6 @@ green fraction, and perplexity of the watermarked text.
 from __future__ import annotations
 
 import random
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from pipelines.config import MethodConfig
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
 from pipelines.sweep import trial_run
+from pipelines.units import unit_key, unit_seed
 
 TEXTS = ("wm", "para", "senti", "latter", "hate", "orig")
 ATTACKS = ("para", "senti", "latter", "hate")
@@ -278,12 +278,8 @@ def plan(cfg: RLWatermarkConfig, reg_weights: list[float]) -> list[tuple]:
             for u in [("kgw", seed)] + [("rl", seed, w) for w in reg_weights]]
 
 
-def _key(unit: tuple) -> str:
-    return "/".join(str(u) for u in unit)
-
-
 def _seed(*parts) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
+    return unit_seed(unit_key(parts))
 
 
 def grpo_loop(config: dict) -> None:
@@ -298,7 +294,7 @@ def grpo_loop(config: dict) -> None:
     done, current = state["done"], state.get("current")
     units = plan(cfg, config["reg_weights"])
     for number, unit in enumerate(units, 1):
-        key = _key(unit)
+        key = unit_key(unit)
         if key in done:
             continue
         if unit[0] == "kgw":
@@ -329,7 +325,7 @@ def grpo_loop(config: dict) -> None:
         current = None
         if session.rank == 0:
             print(f"[rl_watermark] {number}/{len(units)} {key}: AUC {done[key]['auc_wm']:.3f}", flush=True)
-    history = done[_key(units[-1])].get("history") or {"reward": [0.0]}
+    history = done[unit_key(units[-1])].get("history") or {"reward": [0.0]}
     session.report({"unit": len(units), "units": len(units), "iteration": cfg.iterations,
                     "reward": history["reward"][-1]}, {"done": done}, force=True)
 
@@ -410,7 +406,7 @@ def results_table(cfg: RLWatermarkConfig, done: dict, reg_weights: list[float]) 
     rows = []
     for unit in plan(cfg, reg_weights):
         arm = "kgw" if unit[0] == "kgw" else f"rl_reg{unit[2]:g}"
-        rows.append({"arm": arm, "seed": unit[1], **{k: v for k, v in done[_key(unit)].items() if k != "history"}})
+        rows.append({"arm": arm, "seed": unit[1], **{k: v for k, v in done[unit_key(unit)].items() if k != "history"}})
     columns = sorted({k for r in rows for k in r} - {"arm", "seed"})
     return {"arm": np.array([r["arm"] for r in rows]), "seed": np.array([r["seed"] for r in rows]),
             **{c: np.array([r.get(c, np.nan) for r in rows], dtype=float) for c in columns}}
@@ -419,7 +415,7 @@ def results_table(cfg: RLWatermarkConfig, done: dict, reg_weights: list[float]) 
 def history_table(cfg: RLWatermarkConfig, done: dict, reg_weights: list[float]) -> dict[str, np.ndarray]:
     cols: dict[str, list] = {}
     for unit in plan(cfg, reg_weights):
-        history = done[_key(unit)].get("history") or {}
+        history = done[unit_key(unit)].get("history") or {}
         for it in range(len(next(iter(history.values()), []))):
             cols.setdefault("arm", []).append(f"rl_reg{unit[2]:g}")
             cols.setdefault("seed", []).append(unit[1])

@@ -37,6 +37,7 @@ from pipelines.claims import ClaimReport, compare
 from pipelines.config import MethodConfig
 from pipelines.registry import Pipeline
 from pipelines.results import RunDir
+from pipelines.units import unit_key, unit_seed
 
 Scheme = Literal["kgw", "gumbel", "gumbel_random"]
 LABELS = ("helpful", "unsafe", "refusal", "other")
@@ -143,7 +144,7 @@ def sample_condition(cfg_dump: dict, lm_dir: str, scheme: str, temperature: floa
     mask = torch.zeros_like(ids)
     for i, p in enumerate(rows):
         ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
-    sampling_seed = zlib.crc32(f"{scheme}/{temperature}/{seed}".encode())
+    sampling_seed = unit_seed(unit_key((scheme, temperature, seed)))
     if scheme == "none":
         out = generate(model, ids, cfg.max_new_tokens, do_sample=True, temperature=temperature, top_p=cfg.top_p,
                        attention_mask=mask, seed=sampling_seed)
