@@ -14,7 +14,15 @@ from methods.language_models.memorization import (
     memorization_accuracy_from_predictions,
     ngram_overlap,
 )
-from methods.language_models.tiny_lm import build_tiny_lm, generate, token_blocks, train_epoch, train_step
+from methods.language_models.tiny_lm import (
+    build_tiny_lm,
+    generate,
+    pad_rows,
+    strip_generated,
+    token_blocks,
+    train_epoch,
+    train_step,
+)
 from methods.language_models.tokenizer import (
     load_tokenizer,
     save_tokenizer,
@@ -280,3 +288,12 @@ def test_gumbel_generation_is_detected(tokenizer, randomized):
     assert detection.p_value < 1e-4 and detection.z_score > 4
     unwatermarked = torch.randint(len(tokenizer), (len(tokens),), generator=torch.Generator().manual_seed(0))
     assert watermark.detect(unwatermarked.tolist()).p_value > 1e-3
+
+
+def test_pad_rows_right_and_left_with_masks_and_strip_generated():
+    ids, mask = pad_rows([[5, 6, 7], [8]], pad=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_rows([[5, 6, 7], [8]], pad=0, left=True)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert strip_generated([4, 9, 2, 3, 2], eos=2, pad=9) == [4]
+    assert strip_generated([9, 4, 9], eos=2, pad=9) == [4]

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from methods.language_models.tiny_lm import generate
+from methods.language_models.tiny_lm import generate, pad_rows
 
 
 def memorization_accuracy_from_predictions(predictions: Sequence[int], target: Sequence[int]) -> float:
@@ -121,12 +121,7 @@ def batched_greedy_continuations(
 
     A row that emits EOS ends there, as a separate `generate` call per prompt would.
     """
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), model.config.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor([int(t) for t in prompt])
-        mask[row, width - len(prompt) :] = 1
+    ids, mask = pad_rows(prompts, model.config.pad_token_id, left=True)
     out = generate(model, ids, max_new_tokens=max(max_new_tokens), attention_mask=mask).tolist()
     eos = model.config.eos_token_id
     continuations = []
@@ -151,12 +146,8 @@ def memorization_scores(
     ns = tuple(ns)
     items = [_split(target, prefix) for prefix, target in items]
     rows = [c + s for c, s in items]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), model.config.pad_token_id, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
+    ids, mask = pad_rows(rows, model.config.pad_token_id)
     model.eval()
-    mask = (ids != model.config.pad_token_id).long()
     predictions = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.argmax(-1).cpu()
     ma = [memorization_accuracy_from_predictions(predictions[i, len(c) - 1 : len(c) + len(s) - 1].tolist(), s)
           for i, (c, s) in enumerate(items)]

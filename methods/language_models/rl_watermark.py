@@ -33,7 +33,7 @@ from methods.language_models.learned_split import (LearnedSplitWatermark, SplitE
                                                    detection_score, green_fraction, policy_logprobs)
 from methods.language_models.lm_pretrain import LMSpec, cache_dir, cached_tokenizer, load_lm, pretrained_lm
 from methods.language_models.text_attacks import hate_spoof, paraphrase, sentiment_spoof
-from methods.language_models.tiny_lm import generate, token_blocks
+from methods.language_models.tiny_lm import generate, pad_rows, strip_generated, token_blocks
 from methods.language_models.tokenizer import load_tokenizer, train_bpe_tokenizer
 from methods.language_models.watermarks import KGWWatermark
 from pipelines import train
@@ -140,13 +140,6 @@ def prepare(cfg: RLWatermarkConfig, storage: str, log=print) -> tuple[Path, dict
     return cache_dir(storage, "docstring_lm"), data
 
 
-def pad_rows(rows: list[list[int]], pad: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
 @dataclass
 class Texts:
     """prompt + continuation rows (right-padded), the continuation mask, the frozen LM's logits and the
@@ -160,7 +153,7 @@ class Texts:
     @classmethod
     @torch.no_grad()
     def build(cls, lm, prompts: torch.Tensor, continuations: list[list[int]], pad: int, cfg: RLWatermarkConfig):
-        ids = pad_rows([p + c for p, c in zip(prompts.tolist(), continuations)], pad)
+        ids, _ = pad_rows([p + c for p, c in zip(prompts.tolist(), continuations)], pad)
         position = torch.arange(ids.shape[1])[None]
         ends = torch.tensor([prompts.shape[1] + len(c) for c in continuations])[:, None]
         continuation = (position >= prompts.shape[1]) & (position < ends)
@@ -177,17 +170,12 @@ def _real(ids: torch.Tensor, prompt_len: int, conts: list[list[int]]) -> torch.T
     return (torch.arange(ids.shape[1])[None] < ends).long()
 
 
-def strip(tokens: list[int], eos: int, pad: int) -> list[int]:
-    tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
-    return [t for t in tokens if t != pad] or [eos]
-
-
 def all_texts(lm, tokenizer, prompts: torch.Tensor, wm: list[list[int]], human: torch.Tensor,
               cfg: RLWatermarkConfig, seed: int) -> Texts:
     """Rows in blocks of len(wm): watermarked, its four attacked versions, the human continuation (TEXTS)."""
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    ids = pad_rows([p + c for p, c in zip(prompts.tolist(), wm)], tokenizer.pad_token_id)
+    ids, _ = pad_rows([p + c for p, c in zip(prompts.tolist(), wm)], tokenizer.pad_token_id)
     with torch.no_grad():
         probs = lm(input_ids=ids, attention_mask=_real(ids, prompts.shape[1], wm)).logits.softmax(-1)
     p, cap = prompts.shape[1], cfg.continuation_tokens + 16
@@ -225,7 +213,8 @@ def watermarked_generation(lm, policy, prompts: torch.Tensor, cfg: RLWatermarkCo
     wm = LearnedSplitWatermark(policy, prompts.shape[1], cfg.delta, cfg.alpha, cfg.measure_threshold)
     out = generate(lm, prompts, cfg.continuation_tokens, do_sample=True, top_p=cfg.top_p, logits_processors=[wm],
                    seed=seed)
-    return [strip(r, tokenizer.eos_token_id, tokenizer.pad_token_id) for r in out.tolist()]
+    return [strip_generated(r, tokenizer.eos_token_id, tokenizer.pad_token_id) or [tokenizer.eos_token_id]
+            for r in out.tolist()]
 
 
 # --- GRPO on Ray Train ---------------------------------------------------------------------------
@@ -352,7 +341,7 @@ def detection_metrics(scores: dict[str, list[float]]) -> dict[str, float]:
 @torch.no_grad()
 def perplexity(lm, prompts: torch.Tensor, conts: list[list[int]], pad: int) -> float:
     """exp(mean NLL) of the continuation tokens under the (unbiased) LM."""
-    ids = pad_rows([p + c for p, c in zip(prompts.tolist(), conts)], pad)
+    ids, _ = pad_rows([p + c for p, c in zip(prompts.tolist(), conts)], pad)
     real = _real(ids, prompts.shape[1], conts)
     logits = lm(input_ids=ids, attention_mask=real).logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
@@ -377,7 +366,7 @@ def evaluate_kgw(lm, tokenizer, data: dict, cfg: RLWatermarkConfig, seed: int) -
     kgw = KGWWatermark(lm.config.vocab_size, cfg.kgw_gamma, cfg.kgw_delta, cfg.kgw_context, key=15485863 + seed,
                        seeding="lefthash")
     prompts, pad, eos = data["prompt"], tokenizer.pad_token_id, tokenizer.eos_token_id
-    sample = lambda processors, name: [strip(r, eos, pad) for r in generate(  # noqa: E731
+    sample = lambda processors, name: [strip_generated(r, eos, pad) or [eos] for r in generate(  # noqa: E731
         lm, prompts, cfg.continuation_tokens, do_sample=True, top_p=cfg.top_p, logits_processors=processors,
         seed=_seed(name, seed)).tolist()]
     wm, plain = sample([kgw], "eval"), sample([], "plain")

@@ -84,6 +84,25 @@ def with_causal_lm_loss(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows padded with ``pad`` to the longest row: on the right
+    (training, scoring) or, with ``left``, on the left (prompts for batched generation)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, cols], mask[i, cols] = torch.tensor([int(t) for t in row], dtype=torch.long), 1
+    return ids, mask
+
+
+def strip_generated(tokens: Sequence[int], eos: int, pad: int) -> list[int]:
+    """A generated row up to (without) its first EOS, pad tokens removed."""
+    tokens = list(tokens)
+    tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
+    return [t for t in tokens if t != pad]
+
+
 def token_blocks(token_ids: Sequence[int], block_size: int) -> torch.LongTensor:
     """Cut a token stream into non-overlapping blocks of `block_size` (the remainder is dropped)."""
     n_blocks = len(token_ids) // block_size

@@ -30,7 +30,7 @@ from methods.language_models.assistant_world import (ASSISTANT, USER, RewardMode
                                                      reward_training_set, sample_world)
 from methods.language_models.lm_pretrain import (LMSpec, cache_dir, cached_tokenizer, load_lm, load_stage_result,
                                                  pretrained_lm, save_stage_result)
-from methods.language_models.tiny_lm import generate
+from methods.language_models.tiny_lm import generate, pad_rows, strip_generated
 from methods.language_models.tokenizer import load_tokenizer, train_word_tokenizer
 from methods.language_models.watermarks import GumbelWatermark, KGWWatermark
 from pipelines.claims import ClaimReport, compare
@@ -99,12 +99,9 @@ def prepare(cfg: WatermarkARConfig, storage: str, log=print) -> Path:
     tokenizer = cached_tokenizer(storage, "assistant_lm", lambda: train_word_tokenizer(
         texts + [f"{c.prompt} {c.response}" for c in reward], (USER, ASSISTANT)))
     encoded = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
-    width = max(len(e) for e in encoded)
-    rows = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    for i, e in enumerate(encoded):
-        rows[i, : len(e)] = torch.tensor(e)
+    rows, _ = pad_rows(encoded, tokenizer.pad_token_id)
     spec = LMSpec(n_layer=cfg.lm_layers, d_model=cfg.lm_dim, n_head=cfg.lm_heads,
-                  max_positions=width + cfg.max_new_tokens, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
+                  max_positions=rows.shape[1] + cfg.max_new_tokens, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
                   batch_size=cfg.pretrain_batch, seed=cfg.seed)
     pretrained_lm(rows, tokenizer, spec, cfg, storage, "assistant_lm", log)
     return cache_dir(storage, "assistant_lm")
@@ -139,11 +136,7 @@ def sample_condition(cfg_dump: dict, lm_dir: str, scheme: str, temperature: floa
     vocab = model.config.vocab_size
     prompts = [tokenizer(p)["input_ids"] for p, _ in eval_prompts(cfg.n_prompts, cfg.seed)]
     rows = [p for p in prompts for _ in range(cfg.max_n)]
-    width = max(len(p) for p in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(rows):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    ids, mask = pad_rows(rows, tokenizer.pad_token_id, left=True)
     sampling_seed = unit_seed(unit_key((scheme, temperature, seed)))
     if scheme == "none":
         out = generate(model, ids, cfg.max_new_tokens, do_sample=True, temperature=temperature, top_p=cfg.top_p,
@@ -155,7 +148,7 @@ def sample_condition(cfg_dump: dict, lm_dir: str, scheme: str, temperature: floa
     else:
         out = generate(model, ids, cfg.max_new_tokens, attention_mask=mask,
                        logits_processors=[watermark(scheme, cfg, vocab, seed, temperature)])
-    responses = [_strip(r, tokenizer.eos_token_id, tokenizer.pad_token_id) for r in out.tolist()]
+    responses = [strip_generated(r, tokenizer.eos_token_id, tokenizer.pad_token_id) for r in out.tolist()]
     detectors = ["kgw", "gumbel"] if scheme == "none" else ["kgw" if scheme == "kgw" else "gumbel"]
     scores = {}
     for name in detectors:
@@ -168,11 +161,6 @@ def sample_condition(cfg_dump: dict, lm_dir: str, scheme: str, temperature: floa
 def _digest(cfg: WatermarkARConfig) -> str:
     """Folder key of a config's sampling results (Tune trials with other settings share the storage)."""
     return f"{zlib.crc32(json.dumps(cfg.model_dump(), sort_keys=True).encode()):08x}"
-
-
-def _strip(tokens: list[int], eos: int, pad: int) -> list[int]:
-    tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
-    return [t for t in tokens if t != pad]
 
 
 def _detect(wm, prompt: list[int], response: list[int]) -> tuple[float, float]:
