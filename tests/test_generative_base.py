@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from methods.classifiers import accuracy
 from methods.generative.data import load_digit_images
 from methods.generative.judges import (
-    accuracy,
     extract_features,
     frechet_distance,
     precision_recall,

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from methods.classifiers import train_epoch
+
 
 class _FeatureClassifier(nn.Module):
     """``body`` maps images to penultimate features, ``head`` maps features to class logits."""
@@ -71,13 +73,8 @@ def train_classifier(
     """Cross-entropy training with Adam on shuffled mini-batches; returns ``model`` frozen in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
     for _ in range(epochs):
-        for batch in torch.randperm(len(images), generator=generator).split(batch_size):
-            loss = F.cross_entropy(model(images[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        train_epoch(model, optimizer, images, labels, batch_size=batch_size, generator=generator)
     return model.eval().requires_grad_(False)
 
 
@@ -104,11 +101,6 @@ def train_judges(images: Tensor, labels: Tensor, seed: int = 0, epochs: int = 30
 def class_log_prob(classifier: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
     """log p(c | x) per sample, differentiable in ``images`` (the reward of the target class c)."""
     return F.log_softmax(classifier(images), dim=-1).gather(1, labels[:, None]).squeeze(1)
-
-
-@torch.no_grad()
-def accuracy(classifier: nn.Module, images: Tensor, labels: Tensor) -> float:
-    return (classifier(images).argmax(-1) == labels).float().mean().item()
 
 
 @torch.no_grad()
