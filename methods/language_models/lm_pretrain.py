@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
-from methods.language_models.tiny_lm import Family, build_tiny_lm, causal_lm_loss, with_causal_lm_loss
+from methods.language_models.tiny_lm import Family, build_tiny_lm, train_epoch, with_causal_lm_loss
 from methods.language_models.tokenizer import load_tokenizer, save_tokenizer
 from pipelines import train
 from pipelines.config import MethodConfig
@@ -112,19 +112,9 @@ def pretrain_loop(config: dict) -> None:
         generator.set_state(state["generator"])
     ddp = train.prepare(model)
     for epoch in range(state["epoch"] + 1, spec.epochs):
-        ddp.train()
-        order = torch.randperm(len(rows), generator=generator)
-        losses = []
-        for start in range(0, len(rows), spec.batch_size):
-            batch = order[start : start + spec.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = causal_lm_loss(ddp, rows[batch].to(session.device), mask[batch].to(session.device))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)
-            optimizer.step()
-            losses.append(loss.item())
+        loss = train_epoch(ddp, optimizer, rows, spec.batch_size, generator, spec.max_grad_norm, attention_mask=mask)
         state = {"epoch": epoch, "model": train.unwrap(ddp).state_dict(), "optimizer": optimizer.state_dict(),
-                 "generator": generator.get_state(), "losses": state["losses"] + [sum(losses) / len(losses)]}
+                 "generator": generator.get_state(), "losses": state["losses"] + [loss]}
         session.report({"epoch": epoch + 1, "loss": state["losses"][-1]}, state, force=epoch == spec.epochs - 1)
         if session.rank == 0:
             print(f"[pretrain {Path(config['target']).parent.name}] epoch {epoch + 1}/{spec.epochs}: "

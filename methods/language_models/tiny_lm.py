@@ -126,10 +126,14 @@ def train_step(
     attention_mask: torch.Tensor | None = None,
     max_grad_norm: float | None = None,
 ) -> float:
-    """One optimizer step on the causal-LM loss of a batch; returns the loss before the step."""
+    """One optimizer step on the causal-LM loss of a batch; returns the loss before the step.
+
+    ``model`` may be wrapped in DDP (the batch goes to its parameters' device).
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = causal_lm_loss(model, input_ids.to(model.device), _to(attention_mask, model.device))
+    device = next(model.parameters()).device
+    loss = causal_lm_loss(model, input_ids.to(device), _to(attention_mask, device))
     loss.backward()
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -144,13 +148,18 @@ def train_epoch(
     batch_size: int,
     generator: torch.Generator | None = None,
     max_grad_norm: float | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> float:
-    """One pass over `blocks` (N, T) in shuffled mini-batches; returns the mean batch loss."""
+    """One pass over `blocks` (N, T) in shuffled mini-batches; returns the mean batch loss.
+
+    ``attention_mask`` (N, T) marks the positions of each row that count (padding excluded).
+    """
     order = torch.randperm(len(blocks), generator=generator)
-    losses = [
-        train_step(model, optimizer, blocks[order[start : start + batch_size]], max_grad_norm=max_grad_norm)
-        for start in range(0, len(blocks), batch_size)
-    ]
+    losses = []
+    for start in range(0, len(blocks), batch_size):
+        batch = order[start : start + batch_size]
+        mask = None if attention_mask is None else attention_mask[batch]
+        losses.append(train_step(model, optimizer, blocks[batch], mask, max_grad_norm))
     return sum(losses) / len(losses)
 
 
