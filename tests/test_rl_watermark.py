@@ -1,5 +1,6 @@
 """rl_watermark: GRPO advantages and losses, the straight-through split, gate and detector, attacks, rewards, CLI."""
 import json
+import math
 import random
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 from methods.language_models.grpo import group_advantages, minmax_normalize, policy_loss, reward_gradient_loss
 from methods.language_models.learned_split import (LearnedSplitWatermark, SplitEncoder, bias_logits, detection_mask,
-                                                   detection_score, green_fraction, policy_logprobs, sign_ste,
-                                                   vocabulary_mapping)
+                                                   detection_score, entropy, green_fraction, policy_logprobs,
+                                                   sign_ste, vocabulary_mapping)
 from methods.language_models.rl_watermark import rewards
 from methods.language_models.text_attacks import ANTONYMS, HATE_PHRASES, hate_spoof, paraphrase, sentiment_spoof
 
@@ -72,6 +73,28 @@ def test_vocabulary_mapping_is_the_dev_code_python_random_map():
     assert green.shape == (2, 5, 50) and set(green.unique().tolist()) <= {0.0, 1.0}
     same_dim = [v for v in range(50) if encoder.mapping[v] == encoder.mapping[0]]
     assert (green[..., same_dim] == green[..., :1]).all()  # tokens mapped to one dimension share its colour
+
+
+def test_entropy_is_minus_sum_p_log_p():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 4
+    logits[0] = 3.0  # uniform
+    logits[1, 7] = 60.0  # nearly deterministic
+    p = torch.softmax(logits.double(), -1)
+    assert torch.allclose(entropy(logits).double(), -(p * p.log()).sum(-1), atol=1e-5)
+    assert entropy(logits)[0].item() == pytest.approx(math.log(50), abs=1e-5)
+
+
+def test_encoder_step_continues_the_full_pass():
+    torch.manual_seed(0)
+    encoder = SplitEncoder(40, dim=6, hidden=8)
+    ids = torch.randint(0, 40, (3, 7))
+    full, _ = encoder.embedding(ids)
+    e, hidden = encoder.embedding(ids[:, :4])
+    hidden = hidden[0]
+    for t in range(4, 7):
+        e, hidden = encoder.step(ids[:, t], hidden)
+        assert torch.allclose(e, full[:, t], atol=1e-6)
 
 
 def test_bias_is_multiplicative_and_gated_by_entropy():

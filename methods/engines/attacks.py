@@ -81,7 +81,7 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, cfg: FGSMConfig, *, bounds: Bou
     lo, hi = _check_bounds(bounds)
     with attack_mode(model):
         g = _ascent_grad(model, x, y, cfg.targeted)
-    return (x.detach() + cfg.eps * g.sign()).clamp(lo, hi)
+    return torch.add(x.detach(), g.sign_(), alpha=cfg.eps).clamp_(lo, hi)
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, cfg: PGDConfig, *, bounds: Bounds = (0.0, 1.0),

@@ -48,9 +48,26 @@ class SplitEncoder(nn.Module):
         out, hidden = self.gru(self.embed(input_ids), hidden)
         return self.head(out), hidden
 
+    def step(self, tokens: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One GRU update with the newest tokens (B,) from state (B, H): (e (B, D), new state), as
+        ``embedding`` computes it for a one-token input (the GRU's own cell, without the sequence loop)."""
+        gru = self.gru
+        hidden = torch.gru_cell(self.embed(tokens), hidden, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0,
+                                gru.bias_hh_l0)
+        return self.head(hidden), hidden
+
+    @staticmethod
+    def bits(e: torch.Tensor) -> torch.Tensor:
+        """Straight-through green bit per embedding dimension, g = (sign_ste(e) + 1) / 2, (..., D)."""
+        return (sign_ste(e) + 1) / 2
+
+    def to_vocabulary(self, per_dim: torch.Tensor) -> torch.Tensor:
+        """(..., D) → (..., V): token v takes the value of its dimension m(v)."""
+        return per_dim.index_select(-1, self.mapping)
+
     def green_of(self, e: torch.Tensor) -> torch.Tensor:
         """Straight-through green indicators over the vocabulary from embeddings e (..., D) → (..., V)."""
-        return ((sign_ste(e) + 1) / 2).index_select(-1, self.mapping)
+        return self.to_vocabulary(self.bits(e))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T, V) green indicators g_t[v] of the token after each prefix."""
@@ -58,13 +75,21 @@ class SplitEncoder(nn.Module):
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """H = −Σ_v p_v log p_v = log Z − Σ_v p_v z_v for logits z, with log Z = max_v z_v − log max_v p_v
+    (one softmax pass)."""
+    z = logits.float()
+    p = torch.softmax(z, dim=-1)
+    return z.amax(-1) - p.amax(-1).log() - torch.linalg.vecdot(p, z)
+
+
+def bias_factor(green: torch.Tensor, delta: float, gate: torch.Tensor) -> torch.Tensor:
+    """1 + δ·g where ``gate`` (broadcast over the last axis) is true, else 1."""
+    return (green * (delta * gate[..., None])).add_(1)
 
 
 def bias_logits(logits: torch.Tensor, green: torch.Tensor, delta: float, gate: torch.Tensor) -> torch.Tensor:
     """logits·(1 + δ·g) where ``gate`` (broadcast over the vocabulary) is true, else logits."""
-    return logits * (green * (delta * gate[..., None])).add_(1)
+    return logits * bias_factor(green, delta, gate)
 
 
 def generation_gate(logits: torch.Tensor, generated: int, alpha: float, measure_threshold: int) -> torch.Tensor:
@@ -78,7 +103,8 @@ class LearnedSplitWatermark(LogitsProcessor):
     """Logits processor of the learned split; ``prompt_len`` = width of the prompt batch.
 
     The GRU state is carried from one decoding step to the next (one token per step), so a step
-    costs one GRU update instead of a pass over the whole prefix.
+    costs one GRU update instead of a pass over the whole prefix; the bias factor is formed per
+    embedding dimension and only then spread over the vocabulary.
     """
 
     def __init__(self, encoder: SplitEncoder, prompt_len: int, delta: float = 0.13, alpha: float = 1.0,
@@ -93,13 +119,13 @@ class LearnedSplitWatermark(LogitsProcessor):
         seen = self._seen
         if seen is not None and seen.shape[0] == input_ids.shape[0] and seen.shape[1] == input_ids.shape[1] - 1 \
                 and torch.equal(seen, input_ids[:, :-1]):
-            e, self._hidden = self.encoder.embedding(input_ids[:, -1:], self._hidden)
+            e, self._hidden = self.encoder.step(input_ids[:, -1], self._hidden)
         else:
-            e, self._hidden = self.encoder.embedding(input_ids)
+            e, hidden = self.encoder.embedding(input_ids)
+            e, self._hidden = e[:, -1], hidden[0]
         self._seen = input_ids
-        green = self.encoder.green_of(e[:, -1])
         gate = generation_gate(scores, input_ids.shape[1] - self.prompt_len, self.alpha, self.measure_threshold)
-        return bias_logits(scores, green, self.delta, gate)
+        return scores * self.encoder.to_vocabulary(bias_factor(self.encoder.bits(e), self.delta, gate))
 
 
 def detection_mask(lm_logits: torch.Tensor, continuation: torch.Tensor, alpha: float, measure_threshold: int

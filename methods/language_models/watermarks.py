@@ -122,8 +122,8 @@ class KGWWatermark(_ContextKeyedWatermark):
     def greenlists(self, contexts: Sequence[Sequence[int]]) -> torch.LongTensor:
         """(N, ⌊γ|V|⌋): G of each context, each permutation drawn straight into its row."""
         perms = torch.empty(len(contexts), self.vocab_size, dtype=torch.long)
-        for row, context in enumerate(contexts):
-            torch.randperm(self.vocab_size, generator=self._seeded(context), out=perms[row])
+        for row, context in zip(perms.unbind(), contexts):
+            torch.randperm(self.vocab_size, generator=self._seeded(context), out=row)
         return perms[:, : self.greenlist_size]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -205,8 +205,8 @@ class GumbelWatermark(_ContextKeyedWatermark):
         contexts = input_ids[:, -self.context_width :].tolist()
         # log r_v^{1/p_v} = log(r_v)/p_v; tokens outside the nucleus (p_v = 0) get −inf.
         uniforms = torch.empty(len(contexts), self.vocab_size)
-        for row, context in enumerate(contexts):
-            torch.rand(self.vocab_size, generator=self._seeded(context), out=uniforms[row])
+        for row, context in zip(uniforms.unbind(), contexts):
+            torch.rand(self.vocab_size, generator=self._seeded(context), out=row)
         log_keys = uniforms.log_() / probs
         if self.randomized:  # x ~ Categorical(∝ r_v^{1/p_v}) by the exponential race argmax_v r_v^{1/p_v} / E_v
             exponential = torch.rand(log_keys.shape, generator=self._sampler).log_().neg_()  # E = −log U
