@@ -420,7 +420,7 @@ def plot(run_dir: RunDir, table: dict, history: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
     kinds = ["wm", "para", "senti", "latter", "hate"]
     arms = list(dict.fromkeys(table["arm"]))
     for j, arm in enumerate(arms):
