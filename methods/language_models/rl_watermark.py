@@ -213,8 +213,12 @@ def watermarked_generation(lm, policy, prompts: torch.Tensor, cfg: RLWatermarkCo
     wm = LearnedSplitWatermark(policy, prompts.shape[1], cfg.delta, cfg.alpha, cfg.measure_threshold)
     out = generate(lm, prompts, cfg.continuation_tokens, do_sample=True, top_p=cfg.top_p, logits_processors=[wm],
                    seed=seed)
-    return [strip_generated(r, tokenizer.eos_token_id, tokenizer.pad_token_id) or [tokenizer.eos_token_id]
-            for r in out.tolist()]
+    return continuations(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def continuations(generated: torch.Tensor, eos: int, pad: int) -> list[list[int]]:
+    """Generated rows up to their EOS, pads removed; an empty row becomes [EOS] (every text scores ≥ 1 token)."""
+    return [strip_generated(row, eos, pad) or [eos] for row in generated.tolist()]
 
 
 # --- GRPO on Ray Train ---------------------------------------------------------------------------
@@ -366,9 +370,9 @@ def evaluate_kgw(lm, tokenizer, data: dict, cfg: RLWatermarkConfig, seed: int) -
     kgw = KGWWatermark(lm.config.vocab_size, cfg.kgw_gamma, cfg.kgw_delta, cfg.kgw_context, key=15485863 + seed,
                        seeding="lefthash")
     prompts, pad, eos = data["prompt"], tokenizer.pad_token_id, tokenizer.eos_token_id
-    sample = lambda processors, name: [strip_generated(r, eos, pad) or [eos] for r in generate(  # noqa: E731
+    sample = lambda processors, name: continuations(generate(  # noqa: E731
         lm, prompts, cfg.continuation_tokens, do_sample=True, top_p=cfg.top_p, logits_processors=processors,
-        seed=_seed(name, seed)).tolist()]
+        seed=_seed(name, seed)), eos, pad)
     wm, plain = sample([kgw], "eval"), sample([], "plain")
     texts = all_texts(lm, tokenizer, prompts, wm, data["human"], cfg, _seed("attack", seed))
     p, n = prompts.shape[1], len(wm)

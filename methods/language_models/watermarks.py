@@ -195,19 +195,22 @@ class GumbelWatermark(_ContextKeyedWatermark):
 
     def uniforms(self, context: Sequence[int]) -> torch.Tensor:
         """r(context) = rand(|V|) under the context-seeded generator."""
-        return torch.rand(self.vocab_size, generator=self._seeded(context))
+        return self.uniform_rows([context])[0]
+
+    def uniform_rows(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(N, |V|): r of each context, each drawn straight into its row."""
+        rows = torch.empty(len(contexts), self.vocab_size)
+        for row, context in zip(rows.unbind(), contexts):
+            torch.rand(self.vocab_size, generator=self._seeded(context), out=row)
+        return rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         warped = scores.float()
         for warper in self.warpers:
             warped = warper(input_ids, warped)
         probs = warped.softmax(dim=-1).cpu()
-        contexts = input_ids[:, -self.context_width :].tolist()
         # log r_v^{1/p_v} = log(r_v)/p_v; tokens outside the nucleus (p_v = 0) get −inf.
-        uniforms = torch.empty(len(contexts), self.vocab_size)
-        for row, context in zip(uniforms.unbind(), contexts):
-            torch.rand(self.vocab_size, generator=self._seeded(context), out=row)
-        log_keys = uniforms.log_() / probs
+        log_keys = self.uniform_rows(input_ids[:, -self.context_width :].tolist()).log_() / probs
         if self.randomized:  # x ~ Categorical(∝ r_v^{1/p_v}) by the exponential race argmax_v r_v^{1/p_v} / E_v
             exponential = torch.rand(log_keys.shape, generator=self._sampler).log_().neg_()  # E = −log U
             log_keys -= exponential.log_()
