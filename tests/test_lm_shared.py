@@ -14,6 +14,7 @@ from methods.language_models.memorization import (
     memorization_accuracy_from_predictions,
     ngram_overlap,
 )
+from methods.language_models.randperm_prefix import randperm_prefixes
 from methods.language_models.tiny_lm import (
     build_tiny_lm,
     generate,
@@ -165,6 +166,19 @@ def test_three_bricks_seed_formula():
     assert context_seed([5, 7], key=0) == 5 * 35317 + 7
     assert context_seed([5, 7], key=3) == ((3 * 35317 + 5) * 35317 + 7) % (2**64 - 1)
     assert context_seed([9, 5, 7], key=3, seeding="lefthash") == 3 * 7
+
+
+@pytest.mark.parametrize("n, k", [(2, 1), (10, 0), (300, 75), (2048, 512), (2048, 2047), (5000, 1300)])
+def test_randperm_prefixes_equal_torch_randperm(n, k):
+    # k > 624 runs over several MT19937 twists; seeds ≥ 2^32 use their low 32 bits, as torch does.
+    seeds = [0, 1, 12345, 2**32 - 1, 2**32, 2**63 + 11, 2**64 - 1, 987654321987654321]
+    expected = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s))[:k] for s in seeds])
+    assert torch.equal(randperm_prefixes(seeds, n, k), expected)
+
+
+def test_randperm_prefixes_reject_prefix_longer_than_shuffle():
+    with pytest.raises(ValueError, match="prefix length"):
+        randperm_prefixes([0], 10, 10)
 
 
 def test_kgw_greenlist_reproducible_and_keyed():

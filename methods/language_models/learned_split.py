@@ -22,8 +22,10 @@ from transformers import LogitsProcessor
 
 
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
-    """sign(x) forward, identity backward (the dev code's x + sign(x) − sg(x), grouped to be exact)."""
-    return x.sign() + (x - x.detach())
+    """sign(x) forward, identity backward (the dev code's x + sign(x) − sg(x), grouped to be exact);
+    plain sign(x) where no gradient is tracked."""
+    sign = x.sign()
+    return sign + (x - x.detach()) if x.requires_grad else sign
 
 
 def vocabulary_mapping(vocab_size: int, dim: int, seed: int = 66) -> list[int]:
@@ -125,7 +127,7 @@ class LearnedSplitWatermark(LogitsProcessor):
             e, self._hidden = e[:, -1], hidden[0]
         self._seen = input_ids
         gate = generation_gate(scores, input_ids.shape[1] - self.prompt_len, self.alpha, self.measure_threshold)
-        return scores * self.encoder.to_vocabulary(bias_factor(self.encoder.bits(e), self.delta, gate))
+        return self.encoder.to_vocabulary(bias_factor(self.encoder.bits(e), self.delta, gate)).mul_(scores)
 
 
 def detection_mask(lm_logits: torch.Tensor, continuation: torch.Tensor, alpha: float, measure_threshold: int

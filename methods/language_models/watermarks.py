@@ -1,13 +1,14 @@
 """KGW and Gumbel (Aaronson) watermarks as transformers logits processors, with their detectors.
 
-Both re-seed a CPU `torch.Generator` at every position from the last w = `context_width` tokens
+Both re-seed a CPU MT19937 generator at every position from the last w = `context_width` tokens
 (fewer at the very start of a sequence) and a secret `key`:
   - "three_bricks" (facebookresearch/three_bricks, used by dapurv5/alignmark, `seeding='hash'`):
         s ← key;  for each context token c:  s ← (s·35317 + c) mod (2^64 − 1)
   - "lefthash" (Kirchenbauer et al.; transformers `WatermarkLogitsProcessor`):
         s = key·c_last mod (2^64 − 1)   (only the last token is used, whatever w is)
 
-KGW ("maryland"): green list G = first ⌊γ|V|⌋ entries of randperm(|V|); logits[G] += δ.
+KGW ("maryland"): green list G = first ⌊γ|V|⌋ entries of torch.randperm(|V|); logits[G] += δ
+  (drawn by `randperm_prefixes`, which runs only the shuffle steps that reach the prefix).
   Detection over T scored tokens with s green ones:
       z = (s − γT) / sqrt(T γ (1 − γ)),   p = ½ erfc(z/√2),   exact p = I_γ(s, T − s + 1) = P[Bin(T, γ) ≥ s].
 Gumbel ("openai"): r ~ U(0,1)^{|V|} = rand(|V|) after seeding; with p the temperature/top-p distribution:
@@ -28,6 +29,8 @@ import torch
 from scipy import special
 from transformers import LogitsProcessor
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from methods.language_models.randperm_prefix import randperm_prefixes
 
 Seeding = Literal["three_bricks", "lefthash"]
 
@@ -50,7 +53,7 @@ def context_seed(context: Sequence[int], key: int, seeding: Seeding = "three_bri
 
 
 class _ContextKeyedWatermark(LogitsProcessor):
-    """Shared seeding: a generator re-seeded from (key, last w tokens) at every position.
+    """Shared seeding: the generator's seed at every position from (key, last w tokens).
 
     `vocab_size` must be the width of the model's logits (the reference draws over it).
     """
@@ -64,10 +67,9 @@ class _ContextKeyedWatermark(LogitsProcessor):
         self.key = key
         self.context_width = context_width
         self.seeding = seeding
-        self._rng = torch.Generator()
 
-    def _seeded(self, context: Sequence[int]) -> torch.Generator:
-        return self._rng.manual_seed(context_seed(context[-self.context_width :], self.key, self.seeding))
+    def _seed(self, context: Sequence[int]) -> int:
+        return context_seed(context[-self.context_width :], self.key, self.seeding)
 
     def _scored_positions(
         self, token_ids: Sequence[int], first_scored: int | None, ignore_repeated_ngrams: bool
@@ -120,11 +122,8 @@ class KGWWatermark(_ContextKeyedWatermark):
         return self.greenlists([context])[0]
 
     def greenlists(self, contexts: Sequence[Sequence[int]]) -> torch.LongTensor:
-        """(N, ⌊γ|V|⌋): G of each context, each permutation drawn straight into its row."""
-        perms = torch.empty(len(contexts), self.vocab_size, dtype=torch.long)
-        for row, context in zip(perms.unbind(), contexts):
-            torch.randperm(self.vocab_size, generator=self._seeded(context), out=row)
-        return perms[:, : self.greenlist_size]
+        """(N, ⌊γ|V|⌋): G of each context, drawing only the swaps of randperm that reach the prefix."""
+        return randperm_prefixes([self._seed(context) for context in contexts], self.vocab_size, self.greenlist_size)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         green = self.greenlists(input_ids[:, -self.context_width :].tolist()).to(scores.device)
@@ -187,6 +186,7 @@ class GumbelWatermark(_ContextKeyedWatermark):
         self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + (
             [TopPLogitsWarper(top_p)] if top_p < 1.0 else [])  # identity warpers skipped (a top-p sort per step)
         self.randomized = randomized
+        self._rng = torch.Generator()
         self._sampler = torch.Generator()
         if sampling_seed is None:
             self._sampler.seed()
@@ -201,7 +201,7 @@ class GumbelWatermark(_ContextKeyedWatermark):
         """(N, |V|): r of each context, each drawn straight into its row."""
         rows = torch.empty(len(contexts), self.vocab_size)
         for row, context in zip(rows.unbind(), contexts):
-            torch.rand(self.vocab_size, generator=self._seeded(context), out=row)
+            torch.rand(self.vocab_size, generator=self._rng.manual_seed(self._seed(context)), out=row)
         return rows
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
