@@ -65,6 +65,14 @@ def test_sign_ste_is_sign_forward_identity_backward():
     assert torch.equal(grad, torch.ones(3))
 
 
+def test_green_bits_are_the_same_with_and_without_gradient():
+    e = torch.tensor([-2.0, -0.0, 0.0, 1e-30, 3.0])
+    tracked = SplitEncoder.bits(e.clone().requires_grad_())
+    assert tracked.requires_grad and torch.equal(tracked.detach(), torch.tensor([0.0, 0.5, 0.5, 1.0, 1.0]))
+    untracked = SplitEncoder.bits(e)
+    assert not untracked.requires_grad and torch.equal(untracked, tracked.detach())
+
+
 def test_vocabulary_mapping_is_the_dev_code_python_random_map():
     rng = random.Random(66)
     assert vocabulary_mapping(50, 384) == [rng.randint(0, 383) for _ in range(50)]
@@ -90,8 +98,8 @@ def test_encoder_step_continues_the_full_pass():
     encoder = SplitEncoder(40, dim=6, hidden=8)
     ids = torch.randint(0, 40, (3, 7))
     full, _ = encoder.embedding(ids)
-    e, hidden = encoder.embedding(ids[:, :4])
-    hidden = hidden[0]
+    e, hidden = encoder.last(ids[:, :4])
+    assert torch.allclose(e, full[:, 3], atol=1e-6)
     for t in range(4, 7):
         e, hidden = encoder.step(ids[:, t], hidden)
         assert torch.allclose(e, full[:, t], atol=1e-6)

@@ -50,6 +50,12 @@ class SplitEncoder(nn.Module):
         out, hidden = self.gru(self.embed(input_ids), hidden)
         return self.head(out), hidden
 
+    def last(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) → (e[:, T − 1] of ``embedding``, of shape (B, D); GRU state (B, H)), with the head
+        applied to the last position only."""
+        _, hidden = self.gru(self.embed(input_ids))
+        return self.head(hidden[0]), hidden[0]
+
     def step(self, tokens: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One GRU update with the newest tokens (B,) from state (B, H): (e (B, D), new state), as
         ``embedding`` computes it for a one-token input (the GRU's own cell, without the sequence loop)."""
@@ -123,8 +129,7 @@ class LearnedSplitWatermark(LogitsProcessor):
                 and torch.equal(seen, input_ids[:, :-1]):
             e, self._hidden = self.encoder.step(input_ids[:, -1], self._hidden)
         else:
-            e, hidden = self.encoder.embedding(input_ids)
-            e, self._hidden = e[:, -1], hidden[0]
+            e, self._hidden = self.encoder.last(input_ids)
         self._seen = input_ids
         gate = generation_gate(scores, input_ids.shape[1] - self.prompt_len, self.alpha, self.measure_threshold)
         return self.encoder.to_vocabulary(bias_factor(self.encoder.bits(e), self.delta, gate)).mul_(scores)
