@@ -28,8 +28,8 @@ _SMALL_N = 0xFFFFFFFF // 20  # randperm_cpu's bound for the 32-bit shuffle
 
 
 @numba.njit(cache=True, nogil=True)
-def _seed(state: np.ndarray, seed: np.uint64) -> None:
-    """MT19937 init_genrand: s_0 = seed, s_j = 1812433253·(s_{j−1} ⊕ (s_{j−1} ≫ 30)) + j (mod 2^32)."""
+def _init_genrand(state: np.ndarray, seed: np.uint64) -> None:
+    """MT19937 seeding: s_0 = seed, s_j = 1812433253·(s_{j−1} ⊕ (s_{j−1} ≫ 30)) + j (mod 2^32)."""
     state[0] = seed & _WORD
     for j in range(1, _N):
         prev = state[j - 1]
@@ -61,7 +61,7 @@ def _prefixes(seeds: np.ndarray, n: int, out: np.ndarray) -> None:
     perm = np.arange(n)
     swapped = np.empty(k, np.int64)
     for row in range(seeds.shape[0]):
-        _seed(state, seeds[row])
+        _init_genrand(state, seeds[row])
         used = _N
         for i in range(k):
             if used == _N:
