@@ -97,7 +97,7 @@ def test_encoder_step_continues_the_full_pass():
     torch.manual_seed(0)
     encoder = SplitEncoder(40, dim=6, hidden=8)
     ids = torch.randint(0, 40, (3, 7))
-    full, _ = encoder.embedding(ids)
+    full = encoder.embedding(ids)
     e, hidden = encoder.last(ids[:, :4])
     assert torch.allclose(e, full[:, 3], atol=1e-6)
     for t in range(4, 7):

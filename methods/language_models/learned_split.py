@@ -43,12 +43,9 @@ class SplitEncoder(nn.Module):
         self.head = nn.Linear(hidden, dim)
         self.register_buffer("mapping", torch.tensor(vocabulary_mapping(vocab_size, dim, map_seed)))
 
-    def embedding(self, input_ids: torch.Tensor, hidden: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) → (e of shape (B, T, D), last GRU state); e[:, t] encodes input_ids[:, :t + 1]
-        (after the prefix summarised by ``hidden``)."""
-        out, hidden = self.gru(self.embed(input_ids), hidden)
-        return self.head(out), hidden
+    def embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) → e of shape (B, T, D); e[:, t] encodes input_ids[:, :t + 1]."""
+        return self.head(self.gru(self.embed(input_ids))[0])
 
     def last(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) → (e[:, T − 1] of ``embedding``, of shape (B, D); GRU state (B, H)), with the head
@@ -79,7 +76,7 @@ class SplitEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T, V) green indicators g_t[v] of the token after each prefix."""
-        return self.green_of(self.embedding(input_ids)[0])
+        return self.green_of(self.embedding(input_ids))
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

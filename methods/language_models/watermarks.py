@@ -140,7 +140,7 @@ class KGWWatermark(_ContextKeyedWatermark):
         """
         pairs = self._scored_positions(token_ids, first_scored, ignore_repeated_ngrams)
         num_green = 0
-        for start in range(0, len(pairs), DETECTION_CHUNK):  # bounded memory: DETECTION_CHUNK × |V| indices
+        for start in range(0, len(pairs), DETECTION_CHUNK):  # bounded memory: DETECTION_CHUNK × ⌊γ|V|⌋ indices
             chunk = pairs[start : start + DETECTION_CHUNK]
             tokens = torch.tensor([token for _, token in chunk])
             num_green += int((self.greenlists([context for context, _ in chunk]) == tokens[:, None]).any(1).sum())
