@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from methods.language_models.gated_bias import entropies, gated_bias
 from methods.language_models.grpo import group_advantages, minmax_normalize, policy_loss, reward_gradient_loss
 from methods.language_models.learned_split import (LearnedSplitWatermark, SplitEncoder, bias_logits, detection_mask,
                                                    detection_score, entropy, green_fraction, policy_logprobs,
@@ -121,6 +122,48 @@ def test_bias_is_multiplicative_and_gated_by_entropy():
     assert torch.allclose(processor(late, flat), flat * (1 + 0.5 * green_late))  # H > α
     gate = torch.tensor([True, False])
     assert torch.equal(bias_logits(flat, green, 0.5, gate)[1], flat[1])
+
+
+def test_fused_entropy_matches_the_softmax_entropy():
+    torch.manual_seed(0)
+    for vocab in (37, 2048):  # a vocabulary that is not a multiple of the kernel's 16 lanes, and a large one
+        logits = torch.randn(8, vocab) * torch.tensor([0.0, 0.1, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0])[:, None]
+        assert torch.allclose(entropies(logits), entropy(logits), atol=2e-5, rtol=1e-5)
+    masked = torch.randn(2, 300) * 2
+    masked[:, ::3] = -math.inf  # tokens removed by an earlier processor: probability 0
+    assert torch.allclose(entropies(masked), entropy(masked[:, torch.arange(300) % 3 != 0]), atol=2e-5)
+
+
+def test_fused_gated_bias_equals_the_reference_formula():
+    torch.manual_seed(0)
+    encoder = SplitEncoder(37, dim=6, hidden=4)
+    scores = torch.randn(6, 37) * torch.tensor([0.1, 0.0, 0.0, 0.5, 5.0, 20.0])[:, None]
+    scores[1, 4] = 50.0  # peaked: H ≈ 0, gate off
+    scores[2] = -2.0
+    scores[2, :3] = 0.0  # only 3 logits near the maximum, yet H ≈ 3.2 > α: the gate needs H itself
+    e = torch.randn(6, 6)
+    e[0, 0], e[1, 1] = 0.0, -0.0  # sign 0: bit ½
+    green = encoder.to_vocabulary(encoder.bits(e))
+    gate = entropy(scores) > 1.5
+    assert gate[[0, 2]].all() and not gate[1] and ((entropy(scores) - 1.5).abs() > 1e-3).all()
+    before = scores.clone()
+    fused = gated_bias(scores, e, encoder.mapping, 0.13, 1.5, always=False)
+    assert torch.equal(fused, bias_logits(scores, green, 0.13, gate)) and torch.equal(scores, before)
+    always = gated_bias(scores, e, encoder.mapping, 0.13, 1.5, always=True)
+    assert torch.equal(always, bias_logits(scores, green, 0.13, torch.ones(6, dtype=torch.bool)))
+
+
+def test_processor_outside_the_fused_kernel_gives_the_same_scores():
+    torch.manual_seed(0)
+    encoder = SplitEncoder(20, dim=6, hidden=4)
+    processor = LearnedSplitWatermark(encoder, prompt_len=4, delta=0.5, alpha=1.0, measure_threshold=2)
+    ids = torch.randint(0, 20, (3, 8))
+    scores = torch.randn(3, 20) * torch.tensor([0.1, 5.0, 50.0])[:, None]
+    assert (entropy(scores) > 1.0).tolist() == [True, True, False]
+    fused = processor(ids, scores)
+    unfused = processor(ids, scores.double())  # float64 scores take the torch path
+    assert unfused.dtype == torch.float64 and torch.allclose(fused.double(), unfused)
+    assert not torch.equal(fused[0], scores[0]) and torch.equal(fused[2], scores[2])
 
 
 def test_detection_scores_the_first_tokens_and_high_entropy_ones():

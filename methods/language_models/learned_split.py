@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LogitsProcessor
 
+from methods.language_models.gated_bias import gated_bias
+
 
 def sign_ste(x: torch.Tensor) -> torch.Tensor:
     """sign(x) forward, identity backward (the dev code's x + sign(x) − sg(x), grouped to be exact);
@@ -108,8 +110,9 @@ class LearnedSplitWatermark(LogitsProcessor):
     """Logits processor of the learned split; ``prompt_len`` = width of the prompt batch.
 
     The GRU state is carried from one decoding step to the next (one token per step), so a step
-    costs one GRU update instead of a pass over the whole prefix; the bias factor is formed per
-    embedding dimension and only then spread over the vocabulary.
+    costs one GRU update instead of a pass over the whole prefix. On CPU the gate and the bias run as
+    one fused pass per row (``gated_bias``); elsewhere the bias factor is formed per embedding
+    dimension and only then spread over the vocabulary.
     """
 
     def __init__(self, encoder: SplitEncoder, prompt_len: int, delta: float = 0.13, alpha: float = 1.0,
@@ -128,8 +131,12 @@ class LearnedSplitWatermark(LogitsProcessor):
         else:
             e, self._hidden = self.encoder.last(input_ids)
         self._seen = input_ids
-        gate = generation_gate(scores, input_ids.shape[1] - self.prompt_len, self.alpha, self.measure_threshold)
-        return self.encoder.to_vocabulary(bias_factor(self.encoder.bits(e), self.delta, gate)).mul_(scores)
+        generated = input_ids.shape[1] - self.prompt_len
+        if scores.device.type == "cpu" and scores.dtype == e.dtype == torch.float32:
+            return gated_bias(scores, e, self.encoder.mapping, self.delta, self.alpha,
+                              always=generated <= self.measure_threshold)
+        gate = generation_gate(scores, generated, self.alpha, self.measure_threshold)
+        return scores * self.encoder.to_vocabulary(bias_factor(self.encoder.bits(e), self.delta, gate))
 
 
 def detection_mask(lm_logits: torch.Tensor, continuation: torch.Tensor, alpha: float, measure_threshold: int
