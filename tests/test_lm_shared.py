@@ -170,8 +170,9 @@ def test_three_bricks_seed_formula():
 
 @pytest.mark.parametrize("n, k", [(2, 1), (10, 0), (300, 75), (2048, 512), (2048, 2047), (5000, 1300)])
 def test_randperm_prefixes_equal_torch_randperm(n, k):
-    # k > 624 runs over several MT19937 twists; seeds ≥ 2^32 use their low 32 bits, as torch does.
-    seeds = [0, 1, 12345, 2**32 - 1, 2**32, 2**63 + 11, 2**64 - 1, 987654321987654321]
+    # k > 624 runs over several MT19937 twists; seeds ≥ 2^32 use their low 32 bits, as torch does;
+    # 70 rows fill two blocks of side-by-side generators and part of a third.
+    seeds = [0, 1, 12345, 2**32 - 1, 2**32, 2**63 + 11, 2**64 - 1, 987654321987654321, *range(100, 162)]
     expected = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(s))[:k] for s in seeds])
     assert torch.equal(randperm_prefixes(seeds, n, k), expected)
 
