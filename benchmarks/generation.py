@@ -1,6 +1,6 @@
 """Throughput of watermarked vs plain generation on one tiny LM, and of watermark detection.
 
-    python benchmarks/generation.py [--vocab 2048] [--batch 32] [--new-tokens 64] [--repeats 6] [--clock cpu|wall]
+    python benchmarks/generation.py [--vocab 2048] [--batch 32] [--new-tokens 64] [--repeats 20] [--clock cpu|wall]
 
 Generates ``--new-tokens`` tokens for ``--batch`` prompts with the KV cache (transformers
 ``generate``), every scheme with the same nucleus ``--top-p``: plain sampling, KGW (δ = 2, γ = 0.25,
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus of every scheme (plain included)")
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                         help="process CPU time (robust to other load on the machine) or wall time")
