@@ -82,11 +82,8 @@ class SplitEncoder(nn.Module):
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H = −Σ_v p_v log p_v = log Z − Σ_v p_v z_v for logits z, with log Z = max_v z_v − log max_v p_v
-    (one softmax pass)."""
-    z = logits.float()
-    p = torch.softmax(z, dim=-1)
-    return z.amax(-1) - p.amax(-1).log() - torch.linalg.vecdot(p, z)
+    """H = −Σ_v p_v log p_v with p = softmax(logits); masked logits (−inf) have p = 0 and add 0."""
+    return torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)
 
 
 def bias_factor(green: torch.Tensor, delta: float, gate: torch.Tensor) -> torch.Tensor:
