@@ -141,7 +141,7 @@ def gated_bias(scores: torch.Tensor, e: torch.Tensor, mapping: torch.Tensor, del
                always: bool) -> torch.Tensor:
     """New (B, V) scores: z·(1 + δ·g[m(v)]) on rows where ``always`` or H(z) > α, z elsewhere; float32 CPU
     ``scores`` (B, V), ``e`` (B, D), int ``mapping`` (V,) into 0..D−1."""
-    z = scores.contiguous().numpy()
+    z = scores.detach().contiguous().numpy()
     out = np.empty_like(z)
     _gated_bias(z, e.detach().contiguous().numpy(), mapping.numpy(), np.float32(delta), np.float32(alpha),
                 math.exp(min(alpha + 1.001, 709.0)), always, out)  # e^709: beyond any vocabulary
