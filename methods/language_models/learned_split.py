@@ -108,7 +108,7 @@ class LearnedSplitWatermark(LogitsProcessor):
 
     The GRU state is carried from one decoding step to the next (one token per step), so a step
     costs one GRU update instead of a pass over the whole prefix. On CPU the gate and the bias run as
-    one fused pass per row (``gated_bias``); elsewhere the bias factor is formed per embedding
+    one compiled kernel (``gated_bias``); elsewhere the bias factor is formed per embedding
     dimension and only then spread over the vocabulary.
     """
 
