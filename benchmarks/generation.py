@@ -1,13 +1,21 @@
 """Throughput of watermarked vs plain generation on one tiny LM, and of watermark detection.
 
-    python benchmarks/generation.py [--vocab 2048] [--batch 32] [--new-tokens 64] [--repeats 20] [--clock cpu|wall]
+    python benchmarks/generation.py [--vocab V] [--batch B] [--new-tokens N] [--top-p P] [--repeats R] [--clock cpu|wall]
 
 Generates ``--new-tokens`` tokens for ``--batch`` prompts with the KV cache (transformers
-``generate``), every scheme with the same nucleus ``--top-p``: plain sampling, KGW (δ = 2, γ = 0.25,
-context 4), transformers' own KGW processor (lefthash, context 1) for reference, Gumbel argmax and
-randomized, and the RL watermark's learned split. Prints generated tokens/s (best of ``--repeats``
-interleaved rounds, by process CPU time unless ``--clock wall``), the ratio watermarked / plain
-(goal ≥ 0.9) and the scheme's own cost per token, then scored tokens/s of each detector.
+``generate``), every scheme with the same nucleus ``--top-p``: plain sampling, KGW and Gumbel argmax
+and randomized with watermark_ar's defaults (γ = 0.25, δ = 2, context 4), transformers' own KGW
+processor (lefthash, context 1) for reference, and the RL watermark's learned split. Prints generated
+tokens/s (best of ``--repeats`` interleaved rounds, by process CPU time unless ``--clock wall``), the
+ratio watermarked / plain (goal ≥ 0.9) and the scheme's own cost per token, then scored tokens/s of
+each detector.
+
+The defaults are the rl_watermark pipeline's own generation, read from its config: its LM shape and
+vocabulary, its rollout batch (prompts × group), prompt and continuation lengths, nucleus and learned
+split (at present 2×128, vocabulary 1024, 32 rows of 16 + 40 tokens, top-p 0.9). A scheme's
+cost per token does not depend on the LM, so the ratio falls as the LM shrinks and as plain sampling
+gets cheaper: ``--vocab 2048 --new-tokens 64 --top-p 1.0`` is a stress setting. On a 2-core VM the
+ratios move by about ±0.03 from one process to the next; compare runs, not single numbers.
 """
 from __future__ import annotations
 
@@ -18,7 +26,9 @@ import torch
 from transformers import WatermarkLogitsProcessor
 
 from methods.language_models.learned_split import LearnedSplitWatermark, SplitEncoder
+from methods.language_models.rl_watermark import RLWatermarkConfig
 from methods.language_models.tiny_lm import build_tiny_lm, generate
+from methods.language_models.watermark_ar import WatermarkARConfig
 from methods.language_models.watermarks import TRANSFORMERS_HASH_KEY, GumbelWatermark, KGWWatermark
 
 
@@ -36,14 +46,15 @@ def best_times(runs: dict, repeats: int, clock) -> dict[str, float]:
 
 
 def main() -> None:
+    rl, ar = RLWatermarkConfig(), WatermarkARConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus of every scheme (plain included)")
+    parser.add_argument("--vocab", type=int, default=rl.vocab_size)
+    parser.add_argument("--layers", type=int, default=rl.lm_layers)
+    parser.add_argument("--dim", type=int, default=rl.lm_dim)
+    parser.add_argument("--batch", type=int, default=rl.batch_prompts * rl.group)
+    parser.add_argument("--prompt", type=int, default=rl.prompt_tokens)
+    parser.add_argument("--new-tokens", type=int, default=rl.continuation_tokens)
+    parser.add_argument("--top-p", type=float, default=rl.top_p, help="nucleus of every scheme (plain included)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
@@ -52,18 +63,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    model = build_tiny_lm(args.vocab, n_layer=args.layers, d_model=args.dim, n_head=4,
+    model = build_tiny_lm(args.vocab, n_layer=args.layers, d_model=args.dim, n_head=rl.lm_heads,
                           max_positions=args.prompt + args.new_tokens, seed=0)
     prompts = torch.randint(0, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
     n = args.new_tokens
-    kgw = KGWWatermark(args.vocab, gamma=0.25, delta=2.0, context_width=4, key=1)
-    reference = WatermarkLogitsProcessor(args.vocab, "cpu", greenlist_ratio=0.25, bias=2.0,
+    kgw = KGWWatermark(args.vocab, ar.gamma, ar.delta, ar.context_width, key=1)
+    reference = WatermarkLogitsProcessor(args.vocab, "cpu", greenlist_ratio=ar.gamma, bias=ar.delta,
                                          hashing_key=TRANSFORMERS_HASH_KEY, seeding_scheme="lefthash", context_width=1)
     top_p = args.top_p
-    gumbel = GumbelWatermark(args.vocab, context_width=4, key=1, top_p=top_p)
-    randomized = GumbelWatermark(args.vocab, context_width=4, key=1, top_p=top_p, randomized=True, sampling_seed=0)
-    encoder = SplitEncoder(args.vocab, dim=384, hidden=64)
-    learned = LearnedSplitWatermark(encoder, args.prompt)
+    gumbel = GumbelWatermark(args.vocab, ar.context_width, key=1, top_p=top_p)
+    randomized = GumbelWatermark(args.vocab, ar.context_width, key=1, top_p=top_p, randomized=True, sampling_seed=0)
+    encoder = SplitEncoder(args.vocab, rl.embed_dim, rl.encoder_hidden)
+    learned = LearnedSplitWatermark(encoder, args.prompt, rl.delta, rl.alpha, rl.measure_threshold)
     runs = {
         "plain (sampled)": lambda: generate(model, prompts, n, do_sample=True, top_p=top_p, seed=0),
         "KGW": lambda: generate(model, prompts, n, do_sample=True, top_p=top_p, logits_processors=[kgw], seed=0),
