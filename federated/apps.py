@@ -7,7 +7,7 @@ import os
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from federated.autoencoder import ConvAutoencoder, benchmark_error, fit, reconstruction_error
 from federated.clients import DataSettings, Federation, build_federation, forge
@@ -23,16 +23,17 @@ class ClientSettings(DataSettings):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=2)
     latent_dim: int = Field(32, ge=1)
-    width: int = Field(16, ge=1)  # channels of the first conv layer
-    crash_clients: list[int] = Field(default_factory=list)  # partitions whose ClientApp raises
-    vanish_clients: list[int] = Field(default_factory=list)  # partitions whose process dies in train
+    width: int = Field(16, ge=1, description="channels of the first conv layer")
+    crash_clients: list[int] = Field([], description="partitions whose ClientApp raises (fault test)")
+    vanish_clients: list[int] = Field([], description="partitions whose process dies mid-round")
 
-    @model_validator(mode="after")
-    def _fault_ids_exist(self) -> ClientSettings:
-        for name in ("crash_clients", "vanish_clients"):
-            if any(not 0 <= pid < self.num_clients for pid in getattr(self, name)):
-                raise ValueError(f"{name} must be partition ids in [0, num_clients)")
-        return self
+    @field_validator("crash_clients", "vanish_clients")
+    @classmethod
+    def _fault_ids_exist(cls, ids: list[int], info: ValidationInfo) -> list[int]:
+        clients = info.data.get("clients")
+        if clients is not None and any(not 0 <= pid < clients for pid in ids):
+            raise ValueError(f"partition ids must be in [0, clients={clients})")
+        return ids
 
 
 def federation(settings: DataSettings) -> Federation:

@@ -7,36 +7,38 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from methods.engines.corruptions import CORRUPTIONS, CorruptionNames, corrupt
+from pipelines.config import MethodConfig
 
 Attack = Literal["scale", "signflip", "noise"]
 
 
-class DataSettings(BaseModel):
-    """How the federation's data is built (deterministic given ``seed``)."""
+class DataSettings(MethodConfig):
+    """How the federation's data is built (deterministic given ``seed``); the root of the one
+    federated settings model (``federated.simulation.FedSettings``)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: Literal["digits", "sample_crops"] = "digits"  # 1x8x8 digits / 3x32x32 photo crops
-    normal_classes: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
-    test_fraction: float = Field(0.25, gt=0, lt=1)
-    num_clients: int = Field(10, ge=2)
+    dataset: Literal["digits", "sample_crops"] = Field("digits", description="1×8×8 digits or 3×32×32 photo crops")
+    normal_classes: list[int] = Field([0, 1, 2, 3, 4], min_length=1)
+    test_fraction: float = Field(0.25, gt=0, lt=1, description="clean images held out for the test set")
+    clients: int = Field(10, ge=2)
     partition: Literal["iid", "dirichlet"] = "iid"
-    alpha: float = Field(0.3, gt=0)  # Dirichlet concentration
-    corrupted_fraction: float = Field(0.3, ge=0, lt=1)
-    corruptions: CorruptionNames = Field(default_factory=lambda: sorted(CORRUPTIONS), min_length=1)
-    num_forgers: int = Field(0, ge=0)
+    alpha: float = Field(0.3, gt=0, description="Dirichlet concentration")
+    corrupted_ratio: float = Field(0.3, ge=0, lt=1, description="clients with one corruption at severity 3-5")
+    corruptions: CorruptionNames = Field(sorted(CORRUPTIONS), min_length=1)
+    forgers: int = Field(0, ge=0, description="clients that send crafted updates")
     forger_attack: Attack = "signflip"
     forger_scale: float = Field(10.0, gt=0)
-    seed: int = 0
 
-    @model_validator(mode="after")
-    def _roles_fit(self) -> DataSettings:
-        if int(self.corrupted_fraction * self.num_clients) + self.num_forgers > self.num_clients:
-            raise ValueError("corrupted clients plus forgers exceed num_clients")
-        return self
+    @field_validator("forgers")
+    @classmethod
+    def _roles_fit(cls, forgers: int, info: ValidationInfo) -> int:
+        """Checked against ``clients`` (validated earlier), so the error names the user's keys."""
+        clients = info.data.get("clients")
+        if clients is not None and int(info.data.get("corrupted_ratio", 0) * clients) + forgers > clients:
+            raise ValueError(f"int(corrupted_ratio × clients) + forgers exceeds clients={clients}")
+        return forgers
 
 
 @dataclass(frozen=True)
@@ -130,10 +132,10 @@ def build_federation(s: DataSettings) -> Federation:
     n_test = int(round(s.test_fraction * len(images)))
     test, train = order[:n_test], order[n_test:]
     if s.partition == "iid":
-        shards = [train[i] for i in iid_split(len(train), s.num_clients, rng)]
+        shards = [train[i] for i in iid_split(len(train), s.clients, rng)]
     else:
-        shards = [train[i] for i in dirichlet_split(labels[train], s.num_clients, s.alpha, rng)]
-    roles = assign_roles(s.num_clients, s.corrupted_fraction, s.num_forgers, s.corruptions, rng)
+        shards = [train[i] for i in dirichlet_split(labels[train], s.clients, s.alpha, rng)]
+    roles = assign_roles(s.clients, s.corrupted_ratio, s.forgers, s.corruptions, rng)
     data = [
         corrupt(images[idx], r.corruption, r.severity, np.random.default_rng([s.seed, pid]))
         if r.corruption else images[idx]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,33 +16,57 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from federated.apps import ClientSettings, build_model, federation, make_client_app
 from federated.autoencoder import ConvAutoencoder, reconstruction_error
-from federated.strategies import StrategyName, make_strategy
+from federated.strategies import STRATEGIES, StrategyName, make_strategy
 
 
 class FedSettings(ClientSettings):
-    """Federation, server and resource settings (client data and training inherited)."""
+    """The one federated settings model: data, clients, server and Ray resources (a method's config
+    derives it)."""
 
-    strategy: StrategyName = "fedagain"
-    num_rounds: int = Field(15, ge=1)
-    fraction_train: float = Field(0.5, gt=0, le=1)
-    min_train_clients: int = Field(2, ge=1)  # sampled per round: max(int(K f), this)
-    fraction_evaluate: float = Field(0.5, ge=0, le=1)  # 0 skips federated evaluation
-    trimmed_beta: float = Field(0.2, ge=0, lt=0.5)  # fedtrimmedavg
-    krum_malicious: int = Field(0, ge=0)  # krum's assumed number of malicious clients
-    num_cpus: float = Field(1.0, gt=0)  # per client actor
-    num_gpus: float = Field(0.0, ge=0)  # per client actor
-    ray_num_cpus: int | None = Field(None, ge=1)  # only used when simulate() starts Ray
-    round_timeout: float = Field(120.0, gt=0)  # seconds to wait for a round's replies
+    strategy: StrategyName = Field("fedagain", description=f"aggregation: {', '.join(STRATEGIES)}")
+    rounds: int = Field(15, ge=1)
+    fraction_fit: float = Field(0.5, gt=0, le=1, description="share of clients sampled per round")
+    min_fit_clients: int = Field(2, ge=1, description="sampled per round: max(int(clients × fraction_fit), this)")
+    fraction_evaluate: float = Field(0.0, ge=0, le=1, description="federated evaluation share (0: none)")
+    trimmed_beta: float = Field(0.2, ge=0, lt=0.5, description="fedtrimmedavg")
+    krum_malicious: int = Field(0, ge=0, description="krum's assumed number of malicious clients")
+    client_cpus: float = Field(1.0, gt=0, description="CPUs per client actor")
+    client_gpus: float | None = Field(None, ge=0, description="GPUs per client actor (default: use_gpu)")
+    round_timeout: float = Field(120.0, gt=0, description="seconds a round waits for replies")
 
-    @model_validator(mode="after")
-    def _sample_fits(self) -> FedSettings:
-        if self.min_train_clients > self.num_clients:
-            raise ValueError("min_train_clients exceeds num_clients")
-        return self
+    @field_validator("min_fit_clients")
+    @classmethod
+    def _sample_fits(cls, sampled: int, info: ValidationInfo) -> int:
+        clients = info.data.get("clients")
+        if clients is not None and sampled > clients:
+            raise ValueError(f"{sampled} clients sampled per round but only clients={clients} exist")
+        return sampled
+
+    @property
+    def gpus_per_client(self) -> float:
+        """GPUs per client actor: ``client_gpus``, else one with ``use_gpu``."""
+        return self.client_gpus if self.client_gpus is not None else float(self.use_gpu)
+
+
+def fitting_client_cpus(wanted: float, wait_s: float = 60.0) -> float:
+    """CPUs per client actor such that Flower's pool, int(total / c) actors, fits in the CPUs free
+    now (Tune trials hold some): n actors of free / n CPUs, n <= free / wanted and
+    n < free / (total - free). Waits up to ``wait_s`` for a previous simulation's actors to exit."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        total, free = ray.cluster_resources()["CPU"], ray.available_resources().get("CPU", 0.0)
+        n = max(1, int(free // wanted))
+        if total > free:
+            n = min(n, math.ceil(free / (total - free)) - 1)
+        if n >= 1:
+            return free / n
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{free:g} of {total:g} CPUs free: too few for a Flower simulation")
+        time.sleep(1.0)
 
 
 @dataclass
@@ -61,12 +87,26 @@ class SimulationResult:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in self.state.items()})
         return model.eval()
 
+    def trust_rows(self) -> list[dict]:
+        """FedAgain's trust rows with each client's role, its kind and its relative weight (weight ×
+        clients aggregated that round: 1 = an equal share)."""
+        per_round = Counter(row["round"] for row in self.trust)
+        return [{**row, "role": self.roles[row["partition_id"]], "kind": self.roles[row["partition_id"]].split(":")[0],
+                 "relative_weight": row["weight"] * per_round[row["round"]]} for row in self.trust]
+
+    def round_rows(self) -> list[dict]:
+        """Per round (0 = the initial model): the clean test MSE, wall seconds and failed replies."""
+        return [{"round": r, "test_mse": m["test_mse"], "seconds": m["seconds"],
+                 "train_failures": self.failures.get(r, {}).get("train", 0),
+                 "evaluate_failures": self.failures.get(r, {}).get("evaluate", 0)}
+                for r, m in sorted(self.server_metrics.items())]
+
 
 def _strategy_kwargs(s: FedSettings) -> dict:
     kwargs = dict(
-        fraction_train=s.fraction_train, min_train_nodes=s.min_train_clients,
+        fraction_train=s.fraction_fit, min_train_nodes=s.min_fit_clients,
         fraction_evaluate=s.fraction_evaluate, min_evaluate_nodes=1,
-        min_available_nodes=s.num_clients,
+        min_available_nodes=s.clients,
     )
     if s.strategy == "fedtrimmedavg":
         kwargs["beta"] = s.trimmed_beta
@@ -95,8 +135,8 @@ def _keep_running_ray():
 def simulate(
     settings: FedSettings, on_round: Callable[[int, ConvAutoencoder], dict] | None = None
 ) -> SimulationResult:
-    """Run ``settings.num_rounds`` rounds with ``settings.num_clients`` virtual clients
-    (``num_cpus`` and ``num_gpus`` each) on Ray, reusing a running Ray instance if there is one.
+    """Run ``settings.rounds`` rounds with ``settings.clients`` virtual clients
+    (``client_cpus`` and ``gpus_per_client`` each) on Ray, reusing a running Ray instance if there is one.
 
     After each round the server records the clean test MSE, the round's wall-clock seconds
     (training and federated evaluation; round 0 is the initial model) and
@@ -125,25 +165,22 @@ def simulate(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         holder["result"] = strategy.start(
-            grid=grid, initial_arrays=initial, num_rounds=settings.num_rounds,
+            grid=grid, initial_arrays=initial, num_rounds=settings.rounds,
             timeout=settings.round_timeout, evaluate_fn=server_eval,
         )
 
-    init_args = {"address": "local"}
-    if settings.ray_num_cpus:
-        init_args["num_cpus"] = settings.ray_num_cpus
     with _keep_running_ray():
         run_simulation(
             server_app=server_app,
             client_app=make_client_app(settings),
-            num_supernodes=settings.num_clients,
+            num_supernodes=settings.clients,
             backend_name="ray",
             backend_config={
                 # passed to the actors' options(): restart a dead client; never join the
                 # caller's placement group (a Tune trial's bundle would not fit them)
-                "client_resources": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus,
+                "client_resources": {"num_cpus": settings.client_cpus, "num_gpus": settings.gpus_per_client,
                                      "max_restarts": -1, "placement_group_capture_child_tasks": False},
-                "init_args": init_args,
+                "init_args": {"address": "local"},
             },
         )
     if "result" not in holder:

@@ -8,6 +8,7 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
+from pipelines import pipeline as spine
 from pipelines import registry
 from pipelines.config import load_config
 from pipelines.errors import UserError
@@ -71,7 +72,7 @@ def _execute(args: argparse.Namespace) -> int:
     base = {}
     if args.command == "reproduce":
         base = pipeline.profiles.get("quick" if args.quick else "full", {})
-        if pipeline.reproduce is None:
+        if pipeline.claims is None:
             raise UserError(f"{args.method} has no claim check yet")
     cfg = load_config(pipeline.config, args.config, args.sets, base=base)
     if args.command == "sweep":
@@ -94,9 +95,9 @@ def _execute(args: argparse.Namespace) -> int:
             run_dir.log(f"best {summary['metric']} = {summary['value']} with {summary['config']}")
             return 0
         if args.command == "run":
-            metrics = pipeline.run(cfg, run_dir)
+            metrics = spine.run(pipeline, cfg, run_dir)
         else:
-            report = pipeline.reproduce(cfg, run_dir)
+            report = spine.reproduce(pipeline, cfg, run_dir)
             run_dir.write_json("claim.json", report.to_json())
             metrics = {"claims": report.to_json()}
             print(report.table())

@@ -15,16 +15,28 @@ from pipelines.errors import UserError
 
 
 class MethodConfig(BaseModel):
-    """Settings every pipeline shares: seeding and how Ray Train scales it."""
+    """Settings every pipeline shares: seeding, replicates and the accelerator."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     seed: int = Field(0, ge=0, description="base seed of the run")
+    seeds: int = Field(1, ge=1, description="replicates: seeds seed, seed+1, …")
+    use_gpu: bool = Field(False, description="run on GPUs (one per Ray Train worker)")
+
+    def seed_range(self) -> range:
+        """The replicate seeds: seed, seed+1, …, seed+seeds−1."""
+        return range(self.seed, self.seed + self.seeds)
+
+
+class TrainConfig(MethodConfig):
+    """Settings of the methods that run on Ray Train: scaling and checkpoints."""
+
     num_workers: int = Field(1, ge=0, description="Ray Train workers (0 = Train local mode)")
-    use_gpu: bool = Field(False, description="one GPU per Train worker")
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(1, ge=0, description="worker-group restarts before the run fails")
-    checkpoint_every: int = Field(1, ge=1, description="epochs between Train checkpoints")
+    checkpoint_every: int = Field(1, ge=1, description="steps (epochs, iterations, …) between mid-unit checkpoints")
+    checkpoint_seconds: float = Field(10.0, ge=0, description="least wall seconds between mid-unit checkpoints "
+                                      "(every finished unit is checkpointed)")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Ray Data: datasets built from package-bundled data and synthetic generators.
 
-Driver side builds ``ray.data.Dataset`` splits with rows ``{idx, x, y, y_clean, flipped}`` and
-preprocesses them with ``map_batches``; worker side reads its shard with ``get_dataset_shard`` /
-``iter_torch_batches``.
+Driver side builds ``ray.data.Dataset``s: classifier splits with rows ``{idx, x, y, y_clean,
+flipped}``, and rows of token sequences or images (:func:`row_dataset`), preprocessed with
+``map_batches``; worker side reads its shard with ``get_dataset_shard`` / ``iter_torch_batches``
+(:func:`load_shard`).
 """
 from __future__ import annotations
 
@@ -102,21 +103,37 @@ def build_splits(name: DatasetName = "digits", *, seed: int = 0, test_fraction: 
 
     def dataset(split: str) -> ray.data.Dataset:
         idx = parts[split]
-        ds = ray.data.from_items([{"idx": int(i), "x": x[i], "y": int(y[i])} for i in idx],
-                                 override_num_blocks=2)
-        # small UDFs: a fraction of a CPU each, so they never wait behind Train workers
-        ds = ds.map_batches(rescale, fn_kwargs={"shift": shift, "scale": scale}, batch_format="numpy",
-                            num_cpus=0.25)
-        return ds.map_batches(inject_label_noise, fn_kwargs={"flips": flips if split == "train" else {}},
-                              batch_format="numpy", num_cpus=0.25)
+        return row_dataset({"idx": idx, "x": x[idx], "y": y[idx]}, (rescale, {"shift": shift, "scale": scale}),
+                           (inject_label_noise, {"flips": flips if split == "train" else {}}))
 
     return Splits(train=dataset("train"), val=dataset("val"), test=dataset("test"),
                   input_shape=tuple(x.shape[1:]), num_classes=num_classes,
                   flipped=np.array(sorted(flips), dtype=np.int64))
 
 
+def row_dataset(columns: dict[str, np.ndarray], *udfs: tuple) -> "ray.data.Dataset":
+    """Rows ``{idx, **columns}`` (one per leading index: token sequences, images, …; ``idx`` defaults to
+    the position) as a Ray dataset, preprocessed by ``map_batches`` with each ``(fn, kwargs)`` of ``udfs``."""
+    import ray.data
+
+    count = len(next(iter(columns.values())))
+    columns = {"idx": np.arange(count), **columns}
+    ds = ray.data.from_items([{k: v[i] for k, v in columns.items()} for i in range(count)], override_num_blocks=2)
+    for fn, kwargs in udfs:  # small UDFs: a fraction of a CPU each, so they never wait behind Train workers
+        ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_format="numpy", num_cpus=0.25)
+    return ds
+
+
+def attention_mask(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, np.ndarray]:
+    """``map_batches`` UDF for right-padded token rows: attention_mask = (input_ids ≠ pad)."""
+    batch["attention_mask"] = (batch["input_ids"] != pad_token_id).astype(np.int64)
+    return batch
+
+
 def load_shard(name: str, device=None) -> dict:
-    """Worker side: read this worker's whole shard of dataset ``name`` into tensors (small data)."""
+    """Worker side: read this worker's whole shard of dataset ``name`` into tensors (small data), rows
+    sorted by ``idx`` where there is one: Ray Data hands blocks over in the order they finish, and the
+    order of training rows must not depend on that race."""
     import ray.train
     import torch
 
@@ -127,4 +144,8 @@ def load_shard(name: str, device=None) -> dict:
     for batch in shard.iter_torch_batches(batch_size=4096, device="cpu"):
         for key, value in batch.items():
             parts.setdefault(key, []).append(value)
-    return {k: torch.cat(v).to(device) if device is not None else torch.cat(v) for k, v in parts.items()}
+    rows = {k: torch.cat(v) for k, v in parts.items()}
+    if "idx" in rows:
+        order = torch.argsort(rows["idx"])
+        rows = {k: v[order] for k, v in rows.items()}
+    return {k: v.to(device) if device is not None else v for k, v in rows.items()}

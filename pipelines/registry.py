@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -18,30 +18,7 @@ import methods
 from pipelines.errors import UserError
 
 if TYPE_CHECKING:
-    from pipelines.claims import ClaimReport
-    from pipelines.config import MethodConfig
-    from pipelines.results import RunDir
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    """What a method module exposes as ``PIPELINE``.
-
-    ``run(cfg, run_dir)`` executes the method and returns its metrics; ``reproduce(cfg, run_dir)``
-    runs the claim check; ``trial(config)`` is a Ray Tune driver function (it builds and fits a
-    ``TorchTrainer`` that reports ``sweep_metric`` every epoch); at most ``max_concurrent_trials``
-    run at once. ``profiles`` holds config overrides named ``quick`` and ``full`` used by
-    ``reproduce``.
-    """
-
-    config: type[MethodConfig]
-    run: Callable[[Any, RunDir], dict]
-    reproduce: Callable[[Any, RunDir], ClaimReport] | None = None
-    trial: Callable[[dict], None] | None = None
-    sweep_metric: str = ""
-    sweep_mode: str = "max"
-    max_concurrent_trials: int = 2
-    profiles: dict[str, dict] = field(default_factory=dict)
+    from pipelines.pipeline import Pipeline
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,42 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _jsonable(obj: Any) -> Any:
+def subplots(*args, **kwargs):
+    """``matplotlib.pyplot.subplots`` on the Agg backend (no display): a pipeline's figure, saved by the spine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def columns(rows: list[dict[str, Any]], keys: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Rows of records → a table of columns (``keys``, default every key in first-seen order; a row
+    without a key holds NaN there)."""
+    keys = keys or list(dict.fromkeys(k for row in rows for k in row))
+    return {k: np.array([row.get(k, np.nan) for row in rows]) for k in keys}
+
+
+def group_means(table: dict[str, np.ndarray], by: str) -> dict[str, dict[str, float]]:
+    """Mean per value of column ``by`` (first-seen order) of every numeric column that is not all NaN
+    there, other than ``by`` and ``seed``."""
+    out: dict[str, dict[str, float]] = {}
+    for group in dict.fromkeys(table[by]):
+        rows = table[by] == group
+        out[str(group)] = {k: float(np.mean(v[rows].astype(float))) for k, v in table.items()
+                           if k not in (by, "seed") and np.issubdtype(np.asarray(v).dtype, np.number)
+                           and not np.isnan(v[rows].astype(float)).all()}
+    return out
+
+
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, float) and not np.isfinite(obj):
@@ -90,12 +119,12 @@ class RunDir:
 
     def write_yaml(self, name: str, data: dict[str, Any]) -> Path:
         path = self.path / name
-        atomic_write(path, lambda p: p.write_text(yaml.safe_dump(_jsonable(data), sort_keys=False)))
+        atomic_write(path, lambda p: p.write_text(yaml.safe_dump(jsonable(data), sort_keys=False)))
         return path
 
     def write_json(self, name: str, data: Any) -> Path:
         path = self.path / name
-        atomic_write(path, lambda p: p.write_text(json.dumps(_jsonable(data), indent=2) + "\n"))
+        atomic_write(path, lambda p: p.write_text(json.dumps(jsonable(data), indent=2) + "\n"))
         return path
 
     def write_table(self, name: str, columns: dict[str, Any]) -> Path:

@@ -23,18 +23,6 @@ SAMPLERS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "logrand
             "choice": 1, "grid_search": 1, "randn": 2}
 
 
-def trial_run() -> dict[str, Any]:
-    """``fit`` keywords for a Train run inside a Tune trial (a method's ``trial`` driver).
-
-    The name is fixed per trial, so a retried trial restores from its own checkpoints, and
-    ``TuneReportCallback`` forwards rank 0's reports to Tune.
-    """
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    return {"name": f"trial-{tune.get_context().get_trial_id()}", "callbacks": [TuneReportCallback()]}
-
-
 def default_space_path(method_id: str) -> Path:
     return Path(__file__).resolve().parent.parent / "tune_spaces" / f"{method_id}.yaml"
 
@@ -97,7 +85,7 @@ def _scheduler(spec: dict[str, Any], source: str):
 
 
 def run_sweep(pipeline, cfg: MethodConfig, run_dir, *, space_path: Path, samples: int) -> dict[str, Any]:
-    """Tune ``pipeline.trial`` over the space; write ``sweep.parquet`` and ``best.json``."""
+    """Tune the pipeline's trial over the space; write ``sweep.parquet`` and ``best.json``."""
     from ray import tune
 
     if pipeline.trial is None:
@@ -111,8 +99,11 @@ def run_sweep(pipeline, cfg: MethodConfig, run_dir, *, space_path: Path, samples
         raise UserError(f"{source}: mode must be min or max")
     sample_configs(space, cfg.model_dump(), type(cfg), 2)  # fail fast on values the config rejects
 
+    from pipelines import pipeline as spine
+
+    trainable = tune.with_parameters(spine.trial, pipeline=pipeline, storage=run_dir.storage)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(pipeline.trial, storage=run_dir.storage), {"CPU": 0.1}),
+        tune.with_resources(trainable, {"CPU": 0.1}),
         param_space={**cfg.model_dump(), **space},
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples,
                                     max_concurrent_trials=pipeline.max_concurrent_trials,

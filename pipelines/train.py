@@ -15,21 +15,26 @@ from typing import Any, Callable
 
 import torch
 
-from pipelines.config import MethodConfig
+from pipelines.config import TrainConfig
 
 STATE_FILE = "state.pt"
 
 
-def fit(loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: MethodConfig, *, name: str,
+def fit(loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: TrainConfig, *, name: str,
         storage: str | None, datasets: dict | None = None, callbacks: list | None = None):
-    """Run ``loop`` on ``cfg.num_workers`` Train workers; return the ``Result`` (raises on failure)."""
+    """Run ``loop`` on ``cfg.num_workers`` Train workers; return the ``Result`` (raises on failure).
+
+    ``loop_config`` gains ``"session"``, the settings :class:`WorkerSession` reads on each worker.
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    session = {"local": cfg.num_workers == 0, "threads": max(1, int(cfg.cpus_per_worker)),
+               "checkpoint_every": cfg.checkpoint_every, "checkpoint_seconds": cfg.checkpoint_seconds}
     trainer = TorchTrainer(
         loop,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "session": session},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage,
@@ -51,38 +56,36 @@ def read_state(checkpoint) -> dict | None:
 
 
 class WorkerSession:
-    """Per-worker view of the run: rank, device, the restored state, and reporting."""
+    """Per-worker view of the run: rank, device, the restored state, checkpoint settings, reporting.
 
-    def __init__(self, checkpoint_every: int = 1):
+    Built from the loop config that :func:`fit` passed (its ``"session"`` settings); sets the
+    worker's torch threads.
+    """
+
+    def __init__(self, loop_config: dict[str, Any]):
         import ray.train
         import ray.train.torch
 
+        settings = loop_config["session"]
+        torch.set_num_threads(settings["threads"])
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every: int = settings["checkpoint_every"]
+        self.checkpoint_seconds: float = settings["checkpoint_seconds"]
         self.state = read_state(ray.train.get_checkpoint())
-        self._reports = 0
         # Train local mode (num_workers=0) keeps a reported checkpoint where it lies instead of
         # copying it to storage, so its folder must outlive the report for the driver to read it.
-        from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
-
-        self._local = not get_train_fn_utils().is_distributed()
+        self._local = settings["local"]
         self._local_dir: str | None = None
         quiet_console("ray.train")
 
-    @property
-    def resumed(self) -> bool:
-        return self.state is not None
-
-    def report(self, metrics: dict[str, Any], state: dict | None = None, *, force: bool = False) -> None:
-        """Every rank reports; rank 0 attaches ``state`` as a checkpoint every ``checkpoint_every`` calls."""
+    def report(self, metrics: dict[str, Any], state: dict | None = None) -> None:
+        """Every rank reports ``metrics``; rank 0 attaches ``state`` (if given) as a checkpoint."""
         import ray.train
 
-        self._reports += 1
-        due = state is not None and (force or self._reports % self.checkpoint_every == 0)
-        if not (due and self.rank == 0):
+        if state is None or self.rank != 0:
             ray.train.report(metrics)
             return
         tmp = tempfile.mkdtemp(prefix="gradworks-checkpoint-")
@@ -101,6 +104,16 @@ class WorkerSession:
         parts: list = [None] * self.world_size
         dist.all_gather_object(parts, value)
         return parts
+
+    def agree(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (decisions every rank must take alike, e.g. when to report)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Concatenate per-rank tensors (e.g. per-example scores of each shard) on every rank."""
@@ -129,13 +142,12 @@ def quiet_console(logger_name: str) -> None:
     """Keep Ray's per-report INFO lines in the log files, out of the console.
 
     Train shares ``logger_name``'s console handler with the root logger, which also carries the
-    workers' ``print`` output (progress lines) and Ray modules' INFO records: the handler drops
-    only records below WARNING that come from Ray's own code.
+    workers' ``print`` output (progress lines) and Ray modules' INFO records: its console handlers
+    (stream handlers that are not files) drop only records below WARNING from Ray's own code.
     """
-    from ray._private.log import PlainRayHandler
-
     for handler in logging.getLogger(logger_name).handlers:
-        if isinstance(handler, PlainRayHandler) and not any(isinstance(f, _RayInfoFilter) for f in handler.filters):
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not any(isinstance(f, _RayInfoFilter) for f in handler.filters):
             handler.addFilter(_RayInfoFilter())
 
 

@@ -116,11 +116,12 @@ def test_pretrain_cache_is_keyed_by_spec_and_skips_training(tmp_path, monkeypatc
     from methods.generative import pretrain
 
     spec = pretrain.GeneratorSpec(channels=(16, 32), epochs=1)
-    assert pretrain.fingerprint(spec) == pretrain.fingerprint(pretrain.GeneratorSpec(channels=(16, 32), epochs=1))
-    assert pretrain.fingerprint(spec) != pretrain.fingerprint(pretrain.GeneratorSpec(channels=(16, 32), epochs=2))
-    assert pretrain.unit_dir(tmp_path, spec).name.startswith("ddpm-")
+    entry = pretrain.cache_entry(tmp_path, spec)
+    assert entry.path == pretrain.cache_entry(tmp_path, pretrain.GeneratorSpec(channels=(16, 32), epochs=1)).path
+    assert entry.path != pretrain.cache_entry(tmp_path, pretrain.GeneratorSpec(channels=(16, 32), epochs=2)).path
+    assert entry.path.name.startswith("ddpm-")
     model = pretrain.build_generator(spec)
-    pretrain.save_unit(pretrain.unit_dir(tmp_path, spec), model.state_dict(), {"losses": [1.0]})
+    entry.write(lambda folder: torch.save(model.state_dict(), folder / pretrain.WEIGHTS), {"losses": [1.0]})
     monkeypatch.setattr(pretrain.train, "fit", lambda *a, **k: pytest.fail("cached specs must not be retrained"))
     pretrain.ensure_pretrained([spec], AlignPropConfig(), str(tmp_path / "ray"), tmp_path)
     loaded = pretrain.load_generator(tmp_path, spec)

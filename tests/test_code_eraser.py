@@ -188,14 +188,14 @@ def test_cli_run_then_rerun_resumes_from_the_train_checkpoints(ray_session, tmp_
     assert set(metrics["by_method"]) == {"original", "code_eraser"}
     assert 0 <= metrics["by_method"]["code_eraser"]["secret_ma"] <= 1
     assert (out / "results.parquet").exists() and (out / "forget_vs_utility.png").exists()
-    cached = out / "lm" / "code_lm" / "model"
-    stamp = json.loads((cached / "fingerprint.json").read_text())
+    cached, = (out / "cache").glob("code_lm-*")
+    stamp = json.loads((cached / "meta.json").read_text())
     checkpoints = sorted(p.name for p in (out / "ray").glob("pretrain-*/checkpoint_*") if p.is_dir())
     shutil.rmtree(cached)  # the rerun must rebuild the cache from the pretraining checkpoint
     assert main(["run", "code_eraser", "--set", *TINY, "method=code_eraser", "--out", str(out)]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["resumed"] and again["by_method"] == metrics["by_method"]
-    assert json.loads((cached / "fingerprint.json").read_text()) == stamp
+    assert json.loads((cached / "meta.json").read_text()) == stamp
     assert sorted(p.name for p in (out / "ray").glob("pretrain-*/checkpoint_*") if p.is_dir()) == checkpoints
 
 

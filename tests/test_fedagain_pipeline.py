@@ -5,6 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from federated.simulation import FedSettings, fitting_client_cpus
 from methods.federated import fedagain
 from pipelines.cli import main
 
@@ -29,11 +30,12 @@ def test_bad_config_is_one_line_and_exit_2(sets, message, capsys, tmp_path):
 def test_profiles_map_onto_the_federation_settings():
     for profile in fedagain.PIPELINE.profiles.values():
         cfg = fedagain.FedAgainConfig(**profile)
-        settings = fedagain.fed_settings(cfg, strategy="krum", num_forgers=cfg.forgers)
-        assert (settings.num_clients, settings.num_rounds, settings.fraction_train) == (
+        settings = fedagain.Arm("forgers", "krum", cfg.seed, cfg.forgers).settings(cfg)
+        assert isinstance(settings, FedSettings)
+        assert (settings.clients, settings.rounds, settings.fraction_fit) == (
             cfg.clients, cfg.rounds, cfg.fraction_fit)
-        assert settings.corrupted_fraction == cfg.corrupted_ratio and settings.strategy == "krum"
-    assert fedagain.fed_settings(fedagain.FedAgainConfig(use_gpu=True)).num_gpus == 1.0
+        assert settings.corrupted_ratio == cfg.corrupted_ratio and settings.strategy == "krum"
+    assert fedagain.FedAgainConfig(use_gpu=True).gpus_per_client == 1.0
 
 
 @pytest.mark.parametrize("total, free, wanted", [(2, 1.8, 1), (2, 2, 1), (16, 15.8, 1), (8, 7.9, 2.5)])
@@ -42,14 +44,14 @@ def test_trial_client_cpus_fit_the_free_cpus(monkeypatch, total, free, wanted):
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": total})
     monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": free})
-    cpus = fedagain.fitting_client_cpus(wanted)
+    cpus = fitting_client_cpus(wanted)
     pool = int(total / cpus)  # Flower's actor pool size
     assert pool >= 1 and pool * cpus <= free + 1e-9
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_run_four_clients_two_rounds_with_a_raising_and_a_vanishing_client(ray_session, tmp_path):
+def test_run_four_clients_two_rounds_with_a_raising_and_a_vanishing_client(ray_session, tmp_path, monkeypatch):
     out = tmp_path / "run"
     sets = ["clients=4", "rounds=2", "fraction_fit=1.0", "corrupted_ratio=0.25", "local_epochs=1",
             "width=4", "latent_dim=8", "corruptions=[gaussian_noise,darkness]", "severities=[1,5]",
@@ -77,3 +79,10 @@ def test_run_four_clients_two_rounds_with_a_raising_and_a_vanishing_client(ray_s
     assert list(rounds["round"]) == [0, 1, 2] and (rounds.train_failures[1:] >= 2).all()
     for plot in ("f1_heatmap.png", "trust.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+
+    # the finished simulation is cached under units/: the same command resumes from it without simulating
+    assert len(list((out / "units").glob("simulation-*/simulation.json"))) == 1
+    monkeypatch.setattr(fedagain, "simulate", lambda *args, **kwargs: pytest.fail("the resumed run simulated"))
+    assert main(["run", "fedagain", "--set", *sets, "--out", str(out)]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["resumed"] and again["f1"] == metrics["f1"] and again["failures"] == metrics["failures"]

@@ -128,7 +128,7 @@ def test_dirichlet_split_is_a_partition():
 
 
 def test_federation_roles_and_determinism():
-    s = DataSettings(num_clients=10, corrupted_fraction=0.3, num_forgers=2, partition="dirichlet")
+    s = DataSettings(clients=10, corrupted_ratio=0.3, forgers=2, partition="dirichlet")
     a, b = build_federation(s), build_federation(s)
     kinds = [r.kind for r in a.roles]
     assert kinds.count("corrupted") == 3 and kinds.count("forger") == 2
@@ -153,12 +153,12 @@ def test_forge_attacks():
 def test_settings_validation():
     from federated.simulation import FedSettings
 
-    FedSettings(num_clients=4, min_train_clients=4, fraction_train=1.0)
+    FedSettings(clients=4, min_fit_clients=4, fraction_fit=1.0)
     bad = [
-        {"fraction_train": 0.0}, {"fraction_train": 1.5},
-        {"num_clients": 4, "min_train_clients": 5}, {"strategy": "fedprox"},
+        {"fraction_fit": 0.0}, {"fraction_fit": 1.5},
+        {"clients": 4, "min_fit_clients": 5}, {"strategy": "fedprox"},
         {"corruptions": ["rain"]}, {"unknown_field": 1}, {"crash_clients": [10]},
-        {"num_clients": 4, "corrupted_fraction": 0.5, "num_forgers": 3},
+        {"clients": 4, "corrupted_ratio": 0.5, "forgers": 3},
     ]
     for kwargs in bad:
         with pytest.raises(ValidationError):
@@ -188,9 +188,9 @@ def test_simulation_survives_a_crashing_client(ray_session):
     from federated.simulation import FedSettings, simulate
 
     settings = FedSettings(
-        strategy="fedagain", num_clients=4, num_rounds=2, fraction_train=1.0,
+        strategy="fedagain", clients=4, rounds=2, fraction_fit=1.0,
         fraction_evaluate=1.0, normal_classes=[0], local_epochs=1, width=4, latent_dim=8,
-        corrupted_fraction=0.25, num_forgers=1, crash_clients=[3], round_timeout=120,
+        corrupted_ratio=0.25, forgers=1, crash_clients=[3], round_timeout=120,
     )
     result = simulate(settings)
 

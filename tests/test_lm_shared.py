@@ -216,7 +216,8 @@ def _transformers_kgw_config():
 
 
 def test_kgw_lefthash_matches_transformers_processor_and_detector(tokenizer):
-    ours = KGWWatermark(V, gamma=0.25, delta=2.0, context_width=1, key=TRANSFORMERS_HASH_KEY, seeding="lefthash")
+    ours = KGWWatermark(V, gamma=0.25, delta=2.0, context_width=1, key=TRANSFORMERS_HASH_KEY, seeding="lefthash",
+                        bos_token_id=tokenizer.bos_token_id)
     theirs = WatermarkLogitsProcessor(V, "cpu", greenlist_ratio=0.25, bias=2.0, hashing_key=TRANSFORMERS_HASH_KEY,
                                       seeding_scheme="lefthash", context_width=1)
     input_ids = torch.randint(2, V, (6, 5), generator=torch.Generator().manual_seed(1))
@@ -233,10 +234,11 @@ def test_kgw_lefthash_matches_transformers_processor_and_detector(tokenizer):
     assert torch.equal(builtin[:, prompt.shape[1]:], generate(model, prompt, 20, logits_processors=[ours]))
 
     plain = generate(model, prompt, 60, do_sample=True, seed=0)
+    bos_led = torch.cat([torch.tensor([[model.config.bos_token_id]]), watermarked], 1)  # the detector drops its BOS
     for ignore_repeated in (False, True):
         detector = WatermarkDetector(model.config, "cpu", _transformers_kgw_config(),
                                      ignore_repeated_ngrams=ignore_repeated)
-        for tokens in (watermarked, plain):
+        for tokens in (watermarked, plain, bos_led):
             reference = detector(tokens, return_dict=True)
             mine = ours.detect(tokens[0].tolist(), ignore_repeated_ngrams=ignore_repeated)
             assert mine.num_scored == reference.num_tokens_scored[0]
@@ -245,6 +247,8 @@ def test_kgw_lefthash_matches_transformers_processor_and_detector(tokenizer):
             assert mine.p_value == pytest.approx(reference.p_value[0])
     assert ours.detect(watermarked[0].tolist()).z_score > 4
     assert abs(ours.detect(plain[0].tolist()).z_score) < 4
+    bos_unaware = KGWWatermark(V, gamma=0.25, context_width=1, key=TRANSFORMERS_HASH_KEY, seeding="lefthash")
+    assert bos_unaware.detect(bos_led[0].tolist()).num_scored == ours.detect(bos_led[0].tolist()).num_scored + 1
 
 
 # --- Gumbel ------------------------------------------------------------------------------------

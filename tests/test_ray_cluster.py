@@ -132,6 +132,6 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed"] is True
     first_start, resumed = metrics["train_starts"][0], metrics["train_starts"][-1]
-    assert first_start == {"units_done": 0, "unit": "", "epoch": 0}
+    assert first_start == {"units_done": 0, "unit": "", "step": 0}
     assert len(metrics["train_starts"]) >= 2
-    assert resumed["units_done"] > 0 or resumed["epoch"] > 0, metrics["train_starts"]
+    assert resumed["units_done"] > 0 or resumed["step"] > 0, metrics["train_starts"]

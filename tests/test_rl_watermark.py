@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from methods.language_models.gated_bias import entropies, gated_bias
-from methods.language_models.grpo import group_advantages, minmax_normalize, policy_loss, reward_gradient_loss
+from methods.engines.grpo import group_advantages, minmax_normalize, policy_loss, reward_gradient_loss
 from methods.language_models.learned_split import (LearnedSplitWatermark, SplitEncoder, bias_logits, detection_mask,
                                                    detection_score, entropy, green_fraction, policy_logprobs,
                                                    sign_ste, vocabulary_mapping)

@@ -10,6 +10,8 @@ with ‖δ‖₂ ≤ b. The student is also attacked through z/T (Carlini & Wagn
 """
 from __future__ import annotations
 
+from functools import partial
+from itertools import product
 from typing import Literal
 
 import numpy as np
@@ -18,23 +20,21 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan, unit_trial
-from methods.classifiers import build_classifier, predict_proba
+from methods.adversarial.robust_training import TrainingConfig, fit_plan, worker
+from methods.classifiers import predict_proba
 from methods.engines.attacks import CWConfig, FGSMConfig, cw_l2, fgsm
-from pipelines import train
-from pipelines.claims import ClaimReport, compare
-from pipelines.registry import Pipeline
-from pipelines.results import RunDir
-from pipelines.units import Unit, cpu_state
+from pipelines.claims import compare
+from pipelines.pipeline import Outputs, Pipeline
+from pipelines.results import columns, subplots
+from pipelines.units import cpu_state, run_units
 
-ARMS = ("undefended", "distilled", "distilled_logits_over_T")
+ARMS = {"undefended": "undefended", "distilled": "student", "distilled_logits_over_T": "student"}  # arm → its unit
 GRID = 8  # adversarial examples kept per arm for the figure
 SWEEP_METRIC = "distilled_fgsm_success"
 
 
 class AdvDistillationConfig(TrainingConfig):
     archs: list[Literal["mlp", "cnn"]] = Field(["mlp", "cnn"], min_length=1)
-    hidden: list[int] = Field([64, 64], min_length=1, description="MLP widths")
     epochs: int = Field(30, ge=1, description="epochs of each classifier")
     temperature: float = Field(20.0, ge=1, le=1000, description="distillation temperature T")
     fgsm_eps: list[float] = Field([0.05, 0.1, 0.2, 0.3], min_length=1)
@@ -81,31 +81,26 @@ def soft_targets(logits: Tensor, temperature: float) -> Tensor:
     return F.softmax(logits / temperature, dim=1)
 
 
-def _success(model: nn.Module, x_adv: Tensor, y: Tensor, correct: Tensor) -> Tensor:
-    return correct & (predict_proba(model, x_adv).argmax(1) != y)
+def outcome(budget: float, fooled: Tensor, correct: Tensor, l2: Tensor) -> dict:
+    """Success rate among the correctly classified, accuracy under attack, mean ‖δ‖₂ of the successes."""
+    return {"budget": budget, "success": float(fooled.sum() / correct.sum().clamp_min(1)),
+            "acc": float((correct & ~fooled).float().mean()),
+            "mean_l2": float(l2[fooled].mean()) if fooled.any() else float("nan")}
 
 
 def attack_eval(model: nn.Module, x: Tensor, y: Tensor, cfg: AdvDistillationConfig) -> dict:
     """Clean accuracy; per ε FGSM success, accuracy and mean ‖δ‖₂ of successes; CW the same per L2 budget."""
     correct = predict_proba(model, x).argmax(1) == y
-    n = correct.sum().clamp_min(1)
-    out: dict = {"clean_acc": float(correct.float().mean()), "fgsm": [], "cw": [], "examples_clean": x[:GRID].cpu()}
+    out: dict = {"clean_acc": float(correct.float().mean()), "fgsm": [], "examples_clean": x[:GRID].cpu()}
     for eps in cfg.fgsm_eps:
         x_adv = fgsm(model, x, y, FGSMConfig(eps=eps))
-        ok = _success(model, x_adv, y, correct)
-        l2 = (x_adv - x).flatten(1).norm(dim=1)
-        out["fgsm"].append({"budget": eps, "success": float(ok.sum() / n), "acc": float((correct & ~ok).float().mean()),
-                            "mean_l2": float(l2[ok].mean()) if ok.any() else float("nan")})
-    out["examples_fgsm"] = x_adv[:GRID].cpu()  # at the largest ε
+        fooled = correct & (predict_proba(model, x_adv).argmax(1) != y)
+        out["fgsm"].append(outcome(eps, fooled, correct, (x_adv - x).flatten(1).norm(dim=1)))
     cw = cw_l2(model, x, y, CWConfig(c_init=cfg.cw_c, binary_search_steps=cfg.cw_search_steps, steps=cfg.cw_steps,
                                      lr=cfg.cw_lr))
-    ok = cw.success & correct
-    for budget in [*cfg.cw_l2_budgets, float("inf")]:
-        within = ok & (cw.l2 <= budget)
-        out["cw"].append({"budget": budget, "success": float(within.sum() / n),
-                          "acc": float((correct & ~within).float().mean()),
-                          "mean_l2": float(cw.l2[within].mean()) if within.any() else float("nan")})
-    out["examples_cw"] = cw.x_adv[:GRID].cpu()
+    out["cw"] = [outcome(budget, cw.success & correct & (cw.l2 <= budget), correct, cw.l2)
+                 for budget in [*cfg.cw_l2_budgets, float("inf")]]
+    out["examples_fgsm"], out["examples_cw"] = x_adv[:GRID].cpu(), cw.x_adv[:GRID].cpu()  # FGSM at the largest ε
     out["examples_pred"] = {k: predict_proba(model, v).argmax(1).cpu() for k, v in
                             (("fgsm", x_adv[:GRID]), ("cw", cw.x_adv[:GRID]))}
     return out
@@ -113,56 +108,46 @@ def attack_eval(model: nn.Module, x: Tensor, y: Tensor, cfg: AdvDistillationConf
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker: undefended, teacher and student per (seed, arch), each attacked when trained."""
-    cfg = AdvDistillationConfig(**loop_config["cfg"])
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    session = train.WorkerSession(cfg.checkpoint_every)
-    data = load_splits(session.device)
-    tr, test = data["train"], data["test"]
+    w = worker(loop_config, AdvDistillationConfig)
+    cfg, tr, test, T = w.cfg, w.splits["train"], w.splits["test"], w.cfg.temperature
     xa, ya = test["x"][:cfg.attack_examples], test["y"][:cfg.attack_examples]
-    shape, classes, T = tuple(tr["x"].shape[1:]), int(loop_config["num_classes"]), cfg.temperature
 
-    def net(arch: str) -> nn.Module:
-        return build_classifier(arch, shape, classes, hidden=tuple(cfg.hidden))
-
-    def teacher_labels(key: str, arch: str):
-        def data_fn(done):
-            teacher = net(arch).to(session.device)
-            teacher.load_state_dict(done[key]["model"])
+    def soft_labels(prefix: str, arch: str):
+        def data(done):
+            teacher = w.classifier(arch)
+            teacher.load_state_dict(done[f"{prefix}/teacher"]["model"])
             with torch.no_grad():
                 return tr["x"], soft_targets(teacher.eval()(tr["x"]), T)
-        return data_fn
+        return data
 
     units = []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        for arch in cfg.archs:
-            prefix = f"{seed}/{arch}"
-            units += [
-                Unit(f"{prefix}/undefended", cfg.epochs, lambda done, a=arch: net(a), lambda done: (tr["x"], tr["y"]),
-                     lambda m, done: {"model": cpu_state(m), "undefended": attack_eval(m, xa, ya, cfg)}),
-                Unit(f"{prefix}/teacher", cfg.epochs, lambda done, a=arch: Tempered(net(a), T),
-                     lambda done: (tr["x"], tr["y"]), lambda m, done: {"model": cpu_state(m.model)}, loss_scale=T),
-                Unit(f"{prefix}/student", cfg.epochs, lambda done, a=arch: Tempered(net(a), T),
-                     teacher_labels(f"{prefix}/teacher", arch),
-                     lambda m, done: {"model": cpu_state(m.model), "distilled": attack_eval(m.model, xa, ya, cfg),
-                                      "distilled_logits_over_T": attack_eval(m, xa, ya, cfg)}, loss_scale=T),
-            ]
-    run_plan(session, cfg, units, data["val"], summarize=lambda done: summary(cfg, done),
-              summary_keys=(SWEEP_METRIC,))
+    for seed, arch in product(cfg.seed_range(), cfg.archs):
+        prefix = f"{seed}/{arch}"
+        units += [
+            w.training.unit(f"{prefix}/undefended", cfg.epochs, lambda done, a=arch: w.classifier(a),
+                            lambda done: (tr["x"], tr["y"]),
+                            lambda m, done: {"model": cpu_state(m), "undefended": attack_eval(m, xa, ya, cfg)}),
+            w.training.unit(f"{prefix}/teacher", cfg.epochs, lambda done, a=arch: Tempered(w.classifier(a), T),
+                            lambda done: (tr["x"], tr["y"]), lambda m, done: {"model": cpu_state(m.model)},
+                            loss_scale=T),
+            w.training.unit(f"{prefix}/student", cfg.epochs, lambda done, a=arch: Tempered(w.classifier(a), T),
+                            soft_labels(prefix, arch),
+                            lambda m, done: {"model": cpu_state(m.model),
+                                             "distilled": attack_eval(m.model, xa, ya, cfg),
+                                             "distilled_logits_over_T": attack_eval(m, xa, ya, cfg)}, loss_scale=T),
+        ]
+    run_units(w.session, units, summarize=lambda done: summary(cfg, done), summary_keys=(SWEEP_METRIC,))
 
 
 def results_table(cfg: AdvDistillationConfig, done: dict) -> dict[str, np.ndarray]:
     """One row per (seed, arch, arm, attack, budget): success rate, accuracy, mean L2 of successes."""
     rows = []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        for arch in cfg.archs:
-            for arm in ARMS:
-                unit = "undefended" if arm == "undefended" else "student"
-                ev = done[f"{seed}/{arch}/{unit}"][arm]
-                for attack in ("fgsm", "cw"):
-                    rows += [(seed, arch, arm, attack, r["budget"], r["success"], r["acc"], r["mean_l2"],
-                              ev["clean_acc"]) for r in ev[attack]]
-    names = ("seed", "arch", "arm", "attack", "budget", "success", "acc_under_attack", "mean_l2", "clean_acc")
-    return {name: np.array([r[i] for r in rows]) for i, name in enumerate(names)}
+    for seed, arch, arm in product(cfg.seed_range(), cfg.archs, ARMS):
+        ev = done[f"{seed}/{arch}/{ARMS[arm]}"][arm]
+        rows += [{"seed": seed, "arch": arch, "arm": arm, "attack": attack, "budget": r["budget"],
+                  "success": r["success"], "acc_under_attack": r["acc"], "mean_l2": r["mean_l2"],
+                  "clean_acc": ev["clean_acc"]} for attack in ("fgsm", "cw") for r in ev[attack]]
+    return columns(rows)
 
 
 def _select(table: dict, arm: str, attack: str, budget: float | None = None) -> np.ndarray:
@@ -178,6 +163,7 @@ def per_model(table: dict, arm: str, attack: str, column: str, budget: float | N
 
 
 def summary(cfg: AdvDistillationConfig, done: dict) -> dict[str, float]:
+    """Per arm, the mean over models of clean accuracy, FGSM success (mean over ε), CW success and mean L2."""
     table = results_table(cfg, done)
     out = {}
     for arm in ARMS:
@@ -188,14 +174,8 @@ def summary(cfg: AdvDistillationConfig, done: dict) -> dict[str, float]:
     return out
 
 
-def plot_success(run_dir: RunDir, cfg: AdvDistillationConfig, table: dict, name: str = "success_vs_eps.png") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(cfg.archs), 2, figsize=(10, 3.8 * len(cfg.archs)), squeeze=False,
-                             layout="constrained")
+def plot_success(cfg: AdvDistillationConfig, table: dict):
+    fig, axes = subplots(len(cfg.archs), 2, figsize=(10, 3.8 * len(cfg.archs)), squeeze=False, layout="constrained")
     for row, arch in enumerate(cfg.archs):
         for col, (attack, xlabel) in enumerate((("fgsm", "FGSM ε (L∞)"), ("cw", "CW-L2 budget ‖δ‖₂"))):
             ax = axes[row, col]
@@ -204,101 +184,72 @@ def plot_success(run_dir: RunDir, cfg: AdvDistillationConfig, table: dict, name:
                 budgets = sorted(set(table["budget"][rows]))
                 ax.plot(budgets, [table["success"][rows & (table["budget"] == b)].mean() for b in budgets],
                         marker="o", label=arm.replace("_", " "))
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("attack success rate")
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{arch}: {attack.upper()}")
+            ax.set(xlabel=xlabel, ylabel="attack success rate", ylim=(-0.02, 1.02), title=f"{arch}: {attack.upper()}")
             ax.legend(fontsize=8)
     fig.suptitle(f"Attack success with and without defensive distillation (T = {cfg.temperature:g})")
-    run_dir.save_figure(fig, name)
+    return fig
 
 
-def plot_examples(run_dir: RunDir, cfg: AdvDistillationConfig, done: dict,
-                  name: str = "adversarial_examples.png") -> None:
+def plot_examples(cfg: AdvDistillationConfig, done: dict):
     """Rows: clean inputs, then FGSM (largest ε) and CW examples against each model of seed 0 / first arch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     prefix = f"{cfg.seed}/{cfg.archs[0]}"
     rows = [("clean", done[f"{prefix}/undefended"]["undefended"]["examples_clean"], None)]
-    for arm in ARMS[:2]:
-        ev = done[f"{prefix}/{'undefended' if arm == 'undefended' else 'student'}"][arm]
+    for arm in ("undefended", "distilled"):
+        ev = done[f"{prefix}/{ARMS[arm]}"][arm]
         rows += [(f"{arm}\nFGSM ε={cfg.fgsm_eps[-1]:g}", ev["examples_fgsm"], ev["examples_pred"]["fgsm"]),
                  (f"{arm}\nCW-L2", ev["examples_cw"], ev["examples_pred"]["cw"])]
-    fig, axes = plt.subplots(len(rows), GRID, figsize=(1.3 * GRID, 1.5 * len(rows)))
-    for r, (label, images, preds) in enumerate(rows):
-        for c in range(GRID):
-            ax = axes[r, c]
+    fig, axes = subplots(len(rows), GRID, figsize=(1.3 * GRID, 1.5 * len(rows)))
+    for (label, images, preds), axes_row in zip(rows, axes):
+        for c, ax in enumerate(axes_row):
             ax.imshow(images[c, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if preds is not None:
-                ax.set_title(f"pred {int(preds[c])}", fontsize=7)
-        axes[r, 0].set_ylabel(label, fontsize=7)
-    run_dir.save_figure(fig, name)
+            ax.set(xticks=[], yticks=[])
+            ax.set_title("" if preds is None else f"pred {int(preds[c])}", fontsize=7)
+        axes_row[0].set_ylabel(label, fontsize=7)
+    return fig
 
 
-def execute(cfg: AdvDistillationConfig, run_dir: RunDir, name: str) -> tuple[dict, dict]:
-    """Fit on Ray Train; write results.parquet and both figures; return (done, table)."""
-    run_dir.log(f"{3 * cfg.seeds * len(cfg.archs)} classifiers on {cfg.num_workers} Ray Train worker(s)")
-    done = fit_units(train_loop, cfg, storage=run_dir.storage, name=name)
+def outputs(cfg: AdvDistillationConfig, done: dict) -> Outputs:
     table = results_table(cfg, done)
-    run_dir.write_table("results.parquet", table)
-    plot_success(run_dir, cfg, table)
-    plot_examples(run_dir, cfg, done)
-    return done, table
+    return Outputs(tables={"results": table}, metrics=done["summary"],
+                   figures={"success_vs_eps.png": plot_success(cfg, table),
+                            "adversarial_examples.png": plot_examples(cfg, done)})
 
 
-def run(cfg: AdvDistillationConfig, run_dir: RunDir) -> dict:
-    done, _ = execute(cfg, run_dir, "adv_distillation")
-    return {**done["summary"], "deviations": DEVIATIONS}
-
-
-def reproduce(cfg: AdvDistillationConfig, run_dir: RunDir) -> ClaimReport:
+def claims(cfg: AdvDistillationConfig, done: dict, outputs: Outputs) -> list:
     """Distillation vs the undefended model over seeds × architectures (one value per trained pair)."""
-    _, table = execute(cfg, run_dir, "reproduce")
-    eps = ", ".join(f"{e:g}" for e in cfg.fgsm_eps)
-    dev = DEVIATIONS + [f"{cfg.seeds} seed(s) × archs {cfg.archs}, {cfg.epochs} epochs, T = {cfg.temperature:g}"]
-
-    def pm(arm, attack, column, budget=None):
-        return per_model(table, arm, attack, column, budget)
-
-    headline = compare("defensive distillation lowers FGSM success markedly",
-                       f"FGSM success rate, mean over ε ∈ {{{eps}}}: distilled (T=1) vs undefended; "
-                       "rule: ≥ 0.2 lower",
-                       pm("distilled", "fgsm", "success"), pm("undefended", "fgsm", "success"),
-                       higher_is_better=False, margin=0.2, deviations=dev)
-    more = [
+    pm, eps = partial(per_model, outputs.tables["results"]), ", ".join(f"{e:g}" for e in cfg.fgsm_eps)
+    return [
+        compare("defensive distillation lowers FGSM success markedly",
+                f"FGSM success rate, mean over ε ∈ {{{eps}}}: distilled (T=1) vs undefended; rule: ≥ 0.2 lower",
+                pm("distilled", "fgsm", "success"), pm("undefended", "fgsm", "success"),
+                higher_is_better=False, margin=0.2),
         compare("CW-L2 still succeeds against the distilled model",
                 "CW-L2 success rate (no budget): distilled vs undefended; rule: within 0.1",
-                pm("distilled", "cw", "success", np.inf), pm("undefended", "cw", "success", np.inf),
-                margin=-0.1, deviations=dev),
+                pm("distilled", "cw", "success", np.inf), pm("undefended", "cw", "success", np.inf), margin=-0.1),
         compare("FGSM substantially reduces the undefended model's accuracy",
                 "accuracy under FGSM (mean over ε) vs clean accuracy; rule: ≥ 0.3 lower",
                 pm("undefended", "fgsm", "acc_under_attack"), pm("undefended", "fgsm", "clean_acc"),
-                higher_is_better=False, margin=0.3, deviations=dev),
+                higher_is_better=False, margin=0.3),
         compare("CW-L2 substantially reduces the undefended model's accuracy",
                 "accuracy under CW-L2 (no budget) vs clean accuracy; rule: ≥ 0.3 lower",
                 pm("undefended", "cw", "acc_under_attack", np.inf), pm("undefended", "cw", "clean_acc", np.inf),
-                higher_is_better=False, margin=0.3, deviations=dev),
+                higher_is_better=False, margin=0.3),
         compare("attacking the distilled model through z/T defeats distillation",
                 "FGSM success rate (mean over ε): through z/T vs at T=1; rule: ≥ 0.2 higher",
-                pm("distilled_logits_over_T", "fgsm", "success"), pm("distilled", "fgsm", "success"),
-                margin=0.2, deviations=dev),
+                pm("distilled_logits_over_T", "fgsm", "success"), pm("distilled", "fgsm", "success"), margin=0.2),
         compare("distillation keeps clean accuracy", "clean test accuracy: distilled vs undefended; rule: within 0.02",
-                pm("distilled", "fgsm", "clean_acc"), pm("undefended", "fgsm", "clean_acc"),
-                margin=-0.02, deviations=dev),
+                pm("distilled", "fgsm", "clean_acc"), pm("undefended", "fgsm", "clean_acc"), margin=-0.02),
     ]
-    return ClaimReport(headline=headline, more=more)
 
 
 PIPELINE = Pipeline(
     config=AdvDistillationConfig,
-    run=run,
-    reproduce=reproduce,
-    trial=unit_trial(train_loop, AdvDistillationConfig),
+    execute=lambda cfg, stage: fit_plan(train_loop, cfg, stage, f"{3 * cfg.seeds * len(cfg.archs)} classifiers"),
+    outputs=outputs,
+    deviations=DEVIATIONS,
+    claims=claims,
+    budget=lambda cfg: f"{cfg.seeds} seed(s) × archs {cfg.archs}, {cfg.epochs} epochs, T = {cfg.temperature:g}",
+    trial=lambda cfg: cfg,
     sweep_metric=SWEEP_METRIC,
     sweep_mode="min",
     profiles={

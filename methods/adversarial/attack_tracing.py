@@ -15,6 +15,7 @@ lowest attack loss, argmax_j CE(f_j(x'), y).
 """
 from __future__ import annotations
 
+from itertools import product
 from typing import Literal
 
 import numpy as np
@@ -23,14 +24,14 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan, unit_trial
-from methods.classifiers import accuracy, build_classifier, predict_proba
+from methods.adversarial.robust_training import TrainingConfig, fit_plan, worker
+from methods.classifiers import accuracy, predict_proba
 from methods.engines.attacks import FGSMConfig, PGDConfig, fgsm, pgd
 from pipelines import train
-from pipelines.claims import ClaimReport, compare
-from pipelines.registry import Pipeline
-from pipelines.results import RunDir
-from pipelines.units import Unit, cpu_state, unit_seed
+from pipelines.claims import compare
+from pipelines.pipeline import Outputs, Pipeline
+from pipelines.results import columns, subplots
+from pipelines.units import cpu_state, run_units, unit_seed
 
 ATTACKS = ("fgsm", "pgd")
 SWEEP_METRIC = "pgd_tracing_acc"
@@ -38,7 +39,6 @@ SWEEP_METRIC = "pgd_tracing_acc"
 
 class AttackTracingConfig(TrainingConfig):
     arch: Literal["mlp", "cnn"] = "cnn"
-    hidden: list[int] = Field([64, 64], min_length=1, description="MLP widths")
     epochs: int = Field(20, ge=1, description="epochs of the base classifier h")
     copies: int = Field(5, ge=2, description="N model copies")
     tracer_width: int = Field(64, ge=1)
@@ -152,20 +152,16 @@ def evaluate(copies: list[Copy], base: nn.Module, val_x: Tensor, x: Tensor, y: T
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker: per seed, h then N tracer copies; the summary attacks and traces every copy."""
-    cfg = AttackTracingConfig(**loop_config["cfg"])
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    session = train.WorkerSession(cfg.checkpoint_every)
-    data = load_splits(session.device)
-    tr, test = data["train"], data["test"]
-    shape, classes = tuple(tr["x"].shape[1:]), int(loop_config["num_classes"])
+    w = worker(loop_config, AttackTracingConfig)
+    cfg, tr, test = w.cfg, w.splits["train"], w.splits["test"]
 
     def base_model(done: dict, seed: int) -> nn.Module:
-        base = build_classifier(cfg.arch, shape, classes, hidden=tuple(cfg.hidden)).to(session.device)
+        base = w.classifier(cfg.arch)
         base.load_state_dict(done[f"{seed}/base"]["model"])
         return base.eval().requires_grad_(False)
 
     def copy_model(done: dict, seed: int, tracer_state: dict | None = None) -> Copy:
-        copy = Copy(base_model(done, seed), build_tracer(shape, classes, cfg.tracer_width)).to(session.device)
+        copy = Copy(base_model(done, seed), build_tracer(w.shape, w.num_classes, cfg.tracer_width)).to(w.session.device)
         if tracer_state is not None:
             copy.tracer.load_state_dict(tracer_state)
         return copy
@@ -187,122 +183,101 @@ def train_loop(loop_config: dict) -> None:
         return epoch
 
     units = []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        units.append(Unit(f"{seed}/base", cfg.epochs, lambda done: build_classifier(cfg.arch, shape, classes,
-                                                                                    hidden=tuple(cfg.hidden)),
-                          lambda done: (tr["x"], tr["y"]), lambda m, done: {"model": cpu_state(m)}))
+    for seed in cfg.seed_range():
+        units.append(w.training.unit(f"{seed}/base", cfg.epochs, lambda done: w.classifier(cfg.arch),
+                                     lambda done: (tr["x"], tr["y"]), lambda m, done: {"model": cpu_state(m)}))
         for i in range(cfg.copies):
-            key = make_key(shape, unit_seed(f"{seed}/key{i}")).to(session.device)
-            units.append(Unit(f"{seed}/copy{i}", cfg.tracer_epochs, lambda done, s=seed: copy_model(done, s),
-                              lambda done: (tr["x"], tr["y"]),
-                              lambda m, done, k=key: {"tracer": cpu_state(m.tracer), "key": k.cpu()},
-                              epoch=tracer_epoch(key),
-                              optimizer=lambda params: torch.optim.Adam(params, lr=cfg.tracer_lr)))
+            key = make_key(w.shape, unit_seed(f"{seed}/key{i}")).to(w.session.device)
+            units.append(w.training.unit(f"{seed}/copy{i}", cfg.tracer_epochs, lambda done, s=seed: copy_model(done, s),
+                                         lambda done: (tr["x"], tr["y"]),
+                                         lambda m, done, k=key: {"tracer": cpu_state(m.tracer), "key": k.cpu()},
+                                         epoch=tracer_epoch(key),
+                                         optimizer=lambda params: torch.optim.Adam(params, lr=cfg.tracer_lr)))
 
     def summarize(done: dict) -> dict:
         x, y = test["x"][:cfg.attack_examples], test["y"][:cfg.attack_examples]
         per_seed = {}
-        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        for seed in cfg.seed_range():
             copies = [copy_model(done, seed, done[f"{seed}/copy{i}"]["tracer"]) for i in range(cfg.copies)]
-            per_seed[str(seed)] = evaluate(copies, base_model(done, seed), data["val"]["x"], x, y, cfg)
+            per_seed[str(seed)] = evaluate(copies, base_model(done, seed), w.splits["val"]["x"], x, y, cfg)
         means = {f"{a}_{m}": float(np.nanmean([r[a][m] for r in per_seed.values()]))
                  for a in ATTACKS for m in ("tracing_acc", "baseline_acc", "success")}
         return {**means, "per_seed": per_seed}
 
-    run_plan(session, cfg, units, data["val"], summarize=summarize, summary_keys=(SWEEP_METRIC,))
+    run_units(w.session, units, summarize=summarize, summary_keys=(SWEEP_METRIC,))
 
 
 def tables(cfg: AttackTracingConfig, summary: dict) -> tuple[dict, dict]:
     """(tracing: one row per (seed, attack); scores: one row per (seed, attack, source, candidate))."""
     tracing, scores = [], []
-    for seed, res in summary["per_seed"].items():
-        for a in ATTACKS:
-            r = res[a]
-            tracing.append((int(seed), a, r["success"], r["tracing_acc"], r["baseline_acc"], r["traced"],
-                            res["base_acc"], min(res["copy_acc"])))
-            scores += [(int(seed), a, i, j, float(r["scores"][i, j]), float(r["transfer"][i, j]))
-                       for i in range(cfg.copies) for j in range(cfg.copies)]
-    t_names = ("seed", "attack", "success", "tracing_acc", "baseline_acc", "traced", "base_acc", "min_copy_acc")
-    s_names = ("seed", "attack", "source", "candidate", "mean_z", "fooled")
-    return ({n: np.array([r[k] for r in tracing]) for k, n in enumerate(t_names)},
-            {n: np.array([r[k] for r in scores]) for k, n in enumerate(s_names)})
+    for (seed, res), a in product(summary["per_seed"].items(), ATTACKS):
+        r = res[a]
+        tracing.append({"seed": int(seed), "attack": a, "success": r["success"], "tracing_acc": r["tracing_acc"],
+                        "baseline_acc": r["baseline_acc"], "traced": r["traced"], "base_acc": res["base_acc"],
+                        "min_copy_acc": min(res["copy_acc"])})
+        scores += [{"seed": int(seed), "attack": a, "source": i, "candidate": j, "mean_z": float(r["scores"][i, j]),
+                    "fooled": float(r["transfer"][i, j])} for i, j in product(range(cfg.copies), repeat=2)]
+    return columns(tracing), columns(scores)
 
 
-def plot(run_dir: RunDir, cfg: AttackTracingConfig, summary: dict, tracing: dict,
-         name: str = "tracing.png") -> None:
+def plot(cfg: AttackTracingConfig, summary: dict, tracing: dict):
     """Left: mean tracer z-score [source, candidate] of the first seed per attack; right: accuracies."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     first = summary["per_seed"][str(cfg.seed)]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), layout="constrained")
+    fig, axes = subplots(1, 3, figsize=(14, 4), layout="constrained")
     for ax, a in zip(axes, ATTACKS):
         im = ax.imshow(first[a]["scores"].numpy(), cmap="viridis")
-        ax.set_xticks(range(cfg.copies))
-        ax.set_yticks(range(cfg.copies))
-        ax.set_xlabel("candidate copy (tracer j)")
-        ax.set_ylabel("source copy i")
-        ax.set_title(f"{a.upper()}: mean z-score of t_j(x')")
+        ax.set(xticks=range(cfg.copies), yticks=range(cfg.copies), xlabel="candidate copy (tracer j)",
+               ylabel="source copy i", title=f"{a.upper()}: mean z-score of t_j(x')")
         fig.colorbar(im, ax=ax)
-    ax = axes[2]
-    width = 0.35
+    ax, width = axes[2], 0.35
     for k, (col, label) in enumerate((("tracing_acc", "tracer"), ("baseline_acc", "lowest attack loss"))):
         ax.bar(np.arange(len(ATTACKS)) + k * width,
                [np.nanmean(tracing[col][tracing["attack"] == a]) for a in ATTACKS], width, label=label)
     ax.axhline(1 / cfg.copies, color="k", ls="--", label="chance 1/N")
     ax.set_xticks(np.arange(len(ATTACKS)) + width / 2, [a.upper() for a in ATTACKS])
-    ax.set_ylabel("source identified")
-    ax.set_ylim(0, 1)
+    ax.set(ylabel="source identified", ylim=(0, 1))
     ax.legend(fontsize=8)
-    run_dir.save_figure(fig, name)
+    return fig
 
 
-def execute(cfg: AttackTracingConfig, run_dir: RunDir, name: str) -> dict:
-    run_dir.log(f"{cfg.seeds} × (base + {cfg.copies} copies) on {cfg.num_workers} Ray Train worker(s)")
-    summary = fit_units(train_loop, cfg, storage=run_dir.storage, name=name)["summary"]
+def outputs(cfg: AttackTracingConfig, summary: dict) -> Outputs:
     tracing, scores = tables(cfg, summary)
-    run_dir.write_table("results.parquet", tracing)
-    run_dir.write_table("scores.parquet", scores)
-    plot(run_dir, cfg, summary, tracing)
-    return tracing
-
-
-def run(cfg: AttackTracingConfig, run_dir: RunDir) -> dict:
-    tracing = execute(cfg, run_dir, "attack_tracing")
     metrics = {f"{a}_{col}": float(np.nanmean(tracing[col][tracing["attack"] == a]))
                for a in ATTACKS for col in ("success", "tracing_acc", "baseline_acc")}
-    return {**metrics, "chance": 1 / cfg.copies, "base_acc": float(tracing["base_acc"].mean()),
-            "min_copy_acc": float(tracing["min_copy_acc"].min()), "deviations": DEVIATIONS}
+    return Outputs(tables={"results": tracing, "scores": scores}, figures={"tracing.png": plot(cfg, summary, tracing)},
+                   metrics={**metrics, "chance": 1 / cfg.copies, "base_acc": float(tracing["base_acc"].mean()),
+                            "min_copy_acc": float(tracing["min_copy_acc"].min())})
 
 
-def reproduce(cfg: AttackTracingConfig, run_dir: RunDir) -> ClaimReport:
+def claims(cfg: AttackTracingConfig, summary: dict, outputs: Outputs) -> list:
     """Tracing above chance per attack, the tracer vs the loss baseline, and preserved clean accuracy."""
-    tracing = execute(cfg, run_dir, "reproduce")
-    dev = DEVIATIONS + [f"{cfg.seeds} seed(s), {cfg.copies} copies, {cfg.arch}, {cfg.tracer_epochs} tracer epochs"]
+    tracing = outputs.tables["results"]
 
     def col(a, name):
         return tracing[name][tracing["attack"] == a]
 
-    chance = 1 / cfg.copies
-    claims = [compare(f"{a.upper()} examples are traced to their source copy well above chance",
-                      f"tracing accuracy on successful {a.upper()} examples vs chance 1/N; rule: ≥ 0.3 above",
-                      col(a, "tracing_acc"), [chance], margin=0.3, deviations=dev) for a in ATTACKS]
-    claims.append(compare("every copy keeps the undivided model's clean accuracy",
-                          "worst copy's clean test accuracy vs the undivided model h; rule: within 0.01",
-                          col("fgsm", "min_copy_acc"), col("fgsm", "base_acc"), margin=-0.01, deviations=dev))
-    claims += [compare(f"the tracer beats the lowest-attack-loss baseline ({a.upper()})",
-                       "tracing accuracy: tracer (method) vs argmax_j CE(f_j(x'), y) (baseline)",
-                       col(a, "tracing_acc"), col(a, "baseline_acc"), margin=0.0, deviations=dev) for a in ATTACKS]
-    return ClaimReport(headline=claims[0], more=claims[1:])
+    return [
+        *[compare(f"{a.upper()} examples are traced to their source copy well above chance",
+                  f"tracing accuracy on successful {a.upper()} examples vs chance 1/N; rule: ≥ 0.3 above",
+                  col(a, "tracing_acc"), [1 / cfg.copies], margin=0.3) for a in ATTACKS],
+        compare("every copy keeps the undivided model's clean accuracy",
+                "worst copy's clean test accuracy vs the undivided model h; rule: within 0.01",
+                col("fgsm", "min_copy_acc"), col("fgsm", "base_acc"), margin=-0.01),
+        *[compare(f"the tracer beats the lowest-attack-loss baseline ({a.upper()})",
+                  "tracing accuracy: tracer (method) vs argmax_j CE(f_j(x'), y) (baseline)",
+                  col(a, "tracing_acc"), col(a, "baseline_acc"), margin=0.0) for a in ATTACKS],
+    ]
 
 
 PIPELINE = Pipeline(
     config=AttackTracingConfig,
-    run=run,
-    reproduce=reproduce,
-    trial=unit_trial(train_loop, AttackTracingConfig),
+    execute=lambda cfg, stage: fit_plan(train_loop, cfg, stage,
+                                        f"{cfg.seeds} × (base + {cfg.copies} copies)")["summary"],
+    outputs=outputs,
+    deviations=DEVIATIONS,
+    claims=claims,
+    budget=lambda cfg: f"{cfg.seeds} seed(s), {cfg.copies} copies, {cfg.arch}, {cfg.tracer_epochs} tracer epochs",
+    trial=lambda cfg: cfg,
     sweep_metric=SWEEP_METRIC,
     sweep_mode="max",
     profiles={

@@ -8,34 +8,27 @@ start (``methods.engines.attacks.adversarial_batch``). Plans of models run as
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor
+from torch import Tensor, nn
 
-from methods.classifiers import Perturb, accuracy, train_epoch
+from methods.classifiers import ClassifierConfig, Epoch, Perturb, Training, accuracy, build_classifier, train_epoch
 from methods.engines.attacks import PGDConfig, adversarial_batch
 from pipelines import train
-from pipelines.config import MethodConfig
 from pipelines.data import build_splits, load_shard
-from pipelines.sweep import trial_run
-from pipelines.units import Epoch, Optimizer, Unit, run_units
+from pipelines.pipeline import Stage
 
 
+class TrainingConfig(ClassifierConfig):
+    """How every classifier of a run is trained: the classifiers' SGD, on clean or PGD adversarial batches."""
 
-class TrainingConfig(MethodConfig):
-    """How every classifier of a run is trained (SGD with Nesterov momentum, mini-batches)."""
-
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    batch_size: int = Field(64, ge=1)
     training_mode: Literal["standard", "pgd"] = Field("standard", description="standard or PGD adversarial training")
     pgd_eps: float = Field(0.1, gt=0, le=1, description="L∞ radius of PGD training (inputs in [0, 1])")
     pgd_alpha: float = Field(0.025, gt=0, description="PGD training step size")
     pgd_steps: int = Field(5, ge=1)
-    seeds: int = Field(1, ge=1, description="replicates: seeds seed, seed+1, …")
 
 
 def perturbation(cfg: TrainingConfig, generator: torch.Generator) -> Perturb | None:
@@ -55,44 +48,46 @@ def classifier_epoch(cfg: TrainingConfig) -> Epoch:
     return epoch
 
 
-def load_splits(device) -> dict[str, dict[str, Tensor]]:
-    """Worker side: the train shard and the val/test sets as tensors, rows sorted by example idx."""
-    out = {}
+@dataclass(frozen=True)
+class Worker:
+    """A Ray Train worker of a plan: its config and session, the splits (rows sorted by example idx) and how
+    the plan trains its classifiers (the config's mode and SGD, a unit's loss scale s applied as lr·s and
+    weight decay/s, validation accuracy each epoch)."""
+
+    cfg: TrainingConfig
+    session: train.WorkerSession
+    splits: dict[str, dict[str, Tensor]]
+    training: Training
+    num_classes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.splits["train"]["x"].shape[1:])
+
+    def classifier(self, arch: str) -> nn.Module:
+        """A fresh classifier ``arch`` (MLP widths ``cfg.hidden``) on the worker's device."""
+        model = build_classifier(arch, self.shape, self.num_classes, hidden=tuple(self.cfg.hidden))
+        return model.to(self.session.device)
+
+
+def worker(loop_config: dict, config: type[TrainingConfig]) -> Worker:
+    """Worker side: the session, the train shard and the val/test sets as tensors, the plan's training."""
+    cfg, session = config(**loop_config["cfg"]), train.WorkerSession(loop_config)
+    splits = {}
     for name in ("train", "val", "test"):
-        shard = load_shard(name, device)
+        shard = load_shard(name, session.device)
         order = torch.argsort(shard["idx"])
-        out[name] = {k: v[order] for k, v in shard.items()}
-    return out
+        splits[name] = {k: v[order] for k, v in shard.items()}
+    val = splits["val"]
+    training = Training(epoch=classifier_epoch(cfg), optimizer=cfg.sgd, device=session.device,
+                        evaluate=lambda model: accuracy(model, val["x"], val["y"]))
+    return Worker(cfg, session, splits, training, int(loop_config["num_classes"]))
 
 
-def sgd(cfg: TrainingConfig) -> Optimizer:
-    """SGD with Nesterov momentum; a unit's ``loss_scale`` s is applied as lr·s and weight decay/s."""
-    return lambda params, unit: torch.optim.SGD(
-        params, lr=cfg.lr * unit.loss_scale, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-        weight_decay=cfg.weight_decay / unit.loss_scale)
-
-
-def run_plan(session: train.WorkerSession, cfg: TrainingConfig, units: list[Unit], val: dict[str, Tensor],
-             **kwargs) -> dict:
-    """:func:`pipelines.units.run_units` with the config's training mode, SGD and validation accuracy."""
-    return run_units(session, units, epoch=classifier_epoch(cfg), optimizer=sgd(cfg),
-                     evaluate=lambda model: accuracy(model, val["x"], val["y"]), **kwargs)["done"]
-
-
-def fit_units(loop: Callable[[dict], None], cfg: TrainingConfig, *, storage: str | None, name: str,
-              callbacks: list | None = None) -> dict:
-    """Driver side: digits scaled to [0, 1] as Ray datasets, ``loop`` on Ray Train; the final ``done``."""
+def fit_plan(loop: Callable[[dict], None], cfg: TrainingConfig, stage: Stage, what: str) -> dict:
+    """Driver side: digits scaled to [0, 1] as Ray datasets, ``loop`` on Ray Train (``what`` it trains, for
+    the log); the final ``done``."""
+    stage.log(f"{what} on {cfg.num_workers} Ray Train worker(s)")
     splits = build_splits("digits", seed=cfg.seed, normalize="unit")
-    result = train.fit(loop, {"cfg": cfg.model_dump(), "num_classes": splits.num_classes}, cfg, name=name,
-                       storage=storage, datasets=splits.as_dict(), callbacks=callbacks)
-    return train.read_state(result.checkpoint)["done"]
-
-
-def unit_trial(loop: Callable[[dict], None], config_model: type[TrainingConfig]
-               ) -> Callable[[dict, str], None]:
-    """Ray Tune driver of a training plan: one :func:`fit_units` job per sampled config, whose reports
-    (each epoch's, and the final summary with the sweep metric) Tune receives."""
-    def trial(config: dict, storage: str) -> None:
-        fit_units(loop, config_model(**config), storage=storage, **trial_run())
-
-    return trial
+    return stage.fit(loop, {"cfg": cfg.model_dump(), "num_classes": splits.num_classes}, cfg,
+                     datasets=splits.as_dict())["done"]

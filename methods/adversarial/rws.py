@@ -8,6 +8,7 @@ corrupted test digits for every α, with the 8-bit RWS, and composed, θ_std + �
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -15,21 +16,19 @@ import torch
 from pydantic import Field
 
 from methods.adversarial import signatures as rws
-from methods.adversarial.robust_training import TrainingConfig, fit_units, load_splits, run_plan, unit_trial
-from methods.classifiers import accuracy, build_classifier
+from methods.adversarial.robust_training import TrainingConfig, fit_plan, worker
+from methods.classifiers import accuracy
 from methods.engines.corruptions import CorruptionNames, corrupt
-from pipelines import train
-from pipelines.claims import ClaimReport, compare
-from pipelines.registry import Pipeline
-from pipelines.results import RunDir
-from pipelines.units import Unit, cpu_state, unit_seed
+from pipelines.claims import compare
+from pipelines.pipeline import Outputs, Pipeline
+from pipelines.results import columns, subplots
+from pipelines.units import cpu_state, run_units, unit_seed
 
 SWEEP_METRIC = "patch_gain"
 
 
 class RWSConfig(TrainingConfig):
     arch: Literal["mlp", "cnn"] = "mlp"
-    hidden: list[int] = Field([64, 64], min_length=1, description="MLP widths")
     pretrain_fraction: float = Field(0.4, gt=0, lt=1, description="share of the train set that trains θ_pre")
     pretrain_epochs: int = Field(20, ge=1)
     finetune_epochs: int = Field(20, ge=1)
@@ -88,22 +87,17 @@ def evaluate_seed(cfg: RWSConfig, models: dict[str, dict], net, test_sets: dict[
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker: θ_pre, then the clean and one robust fine-tune per corruption, per seed."""
-    cfg = RWSConfig(**loop_config["cfg"])
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    session = train.WorkerSession(cfg.checkpoint_every)
-    data = load_splits(session.device)
-    tr, test = data["train"], data["test"]
-    shape, classes = tuple(tr["x"].shape[1:]), int(loop_config["num_classes"])
-    order = torch.randperm(len(tr["x"]), generator=torch.Generator().manual_seed(cfg.seed)).to(session.device)
+    w = worker(loop_config, RWSConfig)
+    cfg, tr, test = w.cfg, w.splits["train"], w.splits["test"]
+    order = torch.randperm(len(tr["x"]), generator=torch.Generator().manual_seed(cfg.seed)).to(w.session.device)
     cut = int(round(cfg.pretrain_fraction * len(order)))
     x_pre, y_pre = tr["x"][order[:cut]], tr["y"][order[:cut]]
     x_ft, y_ft = tr["x"][order[cut:]], tr["y"][order[cut:]]
+    finetune = cfg.model_copy(update={"lr": cfg.finetune_lr})  # the fine-tunes' SGD
+    net = partial(w.classifier, cfg.arch)
 
     def corrupted(x: torch.Tensor, name: str, key: str) -> torch.Tensor:
         return torch.from_numpy(corrupt(x.cpu().numpy(), name, cfg.severity, unit_seed(key))).to(x.device)
-
-    def net() -> torch.nn.Module:
-        return build_classifier(cfg.arch, shape, classes, hidden=tuple(cfg.hidden)).to(session.device)
 
     def from_pre(seed: int):
         def build(done):
@@ -112,31 +106,28 @@ def train_loop(loop_config: dict) -> None:
             return model
         return build
 
-    def sgd(params):
-        return torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-
     def keep(model, done):
         return {"model": cpu_state(model)}
 
     units = []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        units.append(Unit(f"{seed}/pre", cfg.pretrain_epochs, lambda done: net(), lambda done: (x_pre, y_pre), keep))
-        units.append(Unit(f"{seed}/clean", cfg.finetune_epochs, from_pre(seed), lambda done: (x_ft, y_ft), keep,
-                          optimizer=sgd))
-        units += [Unit(f"{seed}/{c}", cfg.finetune_epochs, from_pre(seed),
-                       lambda done, c=c: (corrupted(x_ft, c, f"train/{c}"), y_ft), keep, optimizer=sgd)
-                  for c in cfg.corruptions]
+    for seed in cfg.seed_range():
+        units.append(w.training.unit(f"{seed}/pre", cfg.pretrain_epochs, lambda done: net(),
+                                     lambda done: (x_pre, y_pre), keep))
+        units.append(w.training.unit(f"{seed}/clean", cfg.finetune_epochs, from_pre(seed),
+                                     lambda done: (x_ft, y_ft), keep, optimizer=finetune.sgd))
+        units += [w.training.unit(f"{seed}/{c}", cfg.finetune_epochs, from_pre(seed),
+                                  lambda done, c=c: (corrupted(x_ft, c, f"train/{c}"), y_ft), keep,
+                                  optimizer=finetune.sgd) for c in cfg.corruptions]
 
     def summarize(done: dict) -> dict:
         test_sets = {"clean": (test["x"], test["y"])}
         test_sets |= {c: (corrupted(test["x"], c, f"test/{c}"), test["y"]) for c in cfg.corruptions}
         names = ["pre", "clean", *cfg.corruptions]
         per_seed = {str(s): evaluate_seed(cfg, {m: done[f"{s}/{m}"]["model"] for m in names}, net, test_sets)
-                    for s in range(cfg.seed, cfg.seed + cfg.seeds)}
+                    for s in cfg.seed_range()}
         return {"per_seed": per_seed, SWEEP_METRIC: float(patch_gain(cfg, tables({"per_seed": per_seed})[0]).mean())}
 
-    run_plan(session, cfg, units, data["val"], summarize=summarize, summary_keys=(SWEEP_METRIC,))
+    run_units(w.session, units, summarize=summarize, summary_keys=(SWEEP_METRIC,))
 
 
 def tables(summary: dict) -> tuple[dict, dict]:
@@ -146,7 +137,7 @@ def tables(summary: dict) -> tuple[dict, dict]:
         acc += [{"seed": int(seed), **r} for r in res["rows"]]
         lay += [{"seed": int(seed), "signature": c, "depth": d, **r}
                 for c, rows in res["layers"].items() for d, r in enumerate(rows)]
-    return ({k: np.array([r[k] for r in acc]) for k in acc[0]}, {k: np.array([r[k] for r in lay]) for k in lay[0]})
+    return columns(acc), columns(lay)
 
 
 def pick(acc: dict, arm: str, test_set: str, signature: str = "", alpha: float | None = None) -> np.ndarray:
@@ -166,32 +157,23 @@ def patch_gain(cfg: RWSConfig, acc: dict) -> np.ndarray:
     return np.concatenate(gains)
 
 
-def plot(run_dir: RunDir, cfg: RWSConfig, acc: dict, lay: dict, name: str = "rws.png") -> None:
+def plot(cfg: RWSConfig, acc: dict, lay: dict):
     """Per-layer change, accuracy vs α per corruption, and every arm on every test set (seed means)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5), layout="constrained")
+    fig, axes = subplots(1, 3, figsize=(17, 4.5), layout="constrained")
     depths = sorted(set(lay["depth"]))
     width = 0.8 / len(cfg.corruptions)
     for k, c in enumerate(cfg.corruptions):
         ratio = [lay["ratio"][(lay["signature"] == c) & (lay["depth"] == d)].mean() for d in depths]
         axes[0].bar(np.array(depths) + (k + 0.5) * width - 0.4, ratio, width, label=c)
-    axes[0].set_xticks(depths)
-    axes[0].set_xlabel("layer (0 = input side)")
-    axes[0].set_ylabel("‖θ_c − θ_std‖ / ‖θ_std − θ_pre‖")
+    axes[0].set(xticks=depths, xlabel="layer (0 = input side)", ylabel="‖θ_c − θ_std‖ / ‖θ_std − θ_pre‖")
     axes[0].legend(fontsize=8)
     for c in cfg.corruptions:
-        alphas = [0.0, *cfg.alphas]
         for test_set, ls in ((c, "-"), ("clean", ":")):
             values = [pick(acc, "clean", test_set).mean()]
             values += [pick(acc, "patch", test_set, c, a).mean() for a in cfg.alphas]
-            axes[1].plot(alphas, values, ls, marker="o", label=f"θ_std + α·RWS[{c}] on {test_set}")
+            axes[1].plot([0.0, *cfg.alphas], values, ls, marker="o", label=f"θ_std + α·RWS[{c}] on {test_set}")
         axes[1].axhline(pick(acc, "robust", c, c).mean(), ls="--", lw=0.8, color="gray")
-    axes[1].set_xlabel("α (dashed: robust fine-tune)")
-    axes[1].set_ylabel("test accuracy")
+    axes[1].set(xlabel="α (dashed: robust fine-tune)", ylabel="test accuracy")
     axes[1].legend(fontsize=7)
     arms = [("clean", ""), *[("robust", c) for c in cfg.corruptions], *[("patch", c) for c in cfg.corruptions],
             *[("patch_int8", c) for c in cfg.corruptions]]
@@ -203,88 +185,78 @@ def plot(run_dir: RunDir, cfg: RWSConfig, acc: dict, lay: dict, name: str = "rws
     axes[2].set_xticks(np.arange(len(arms)) + 0.4, [f"{a}\n{c}" for a, c in arms], fontsize=6, rotation=30)
     axes[2].set_ylabel("test accuracy (patch at α = 1)")
     axes[2].legend(fontsize=7)
-    run_dir.save_figure(fig, name)
+    return fig
 
 
-def execute(cfg: RWSConfig, run_dir: RunDir, name: str) -> tuple[dict, dict, dict]:
-    run_dir.log(f"{cfg.seeds} × ({2 + len(cfg.corruptions)} models) on {cfg.num_workers} Ray Train worker(s)")
-    summary = fit_units(train_loop, cfg, storage=run_dir.storage, name=name)["summary"]
-    acc, lay = tables(summary)
-    run_dir.write_table("results.parquet", acc)
-    run_dir.write_table("layers.parquet", lay)
-    plot(run_dir, cfg, acc, lay)
-    return summary, acc, lay
-
-
-def _storage(summary: dict) -> dict:
+def storage(summary: dict) -> dict:
+    """Bytes of the full weights and of one float32 / 8-bit signature, and their ratios."""
     b = next(iter(summary["per_seed"].values()))["bytes"]
     return {**b, "full_over_int8": b["full_weights"] / b["rws_int8"],
             "float32_over_int8": b["rws_float32"] / b["rws_int8"]}
 
 
-def run(cfg: RWSConfig, run_dir: RunDir) -> dict:
-    summary, acc, lay = execute(cfg, run_dir, "rws")
+def layer_ratio(lay: dict, c: str, depth: int) -> float:
+    return float(lay["ratio"][(lay["signature"] == c) & (lay["depth"] == depth)].mean())
+
+
+def outputs(cfg: RWSConfig, summary: dict) -> Outputs:
+    acc, lay = tables(summary)
     per_seed = list(summary["per_seed"].values())
     arms = sorted(set(zip(acc["arm"], acc["signature"], acc["alpha"], acc["test_set"])))
-    return {"accuracy": {f"{a}{':' + c if c else ''}{f' α={al:g}' if al else ''} on {t}":
-                         float(pick(acc, a, t, c, al).mean()) for a, c, al, t in arms},
-            SWEEP_METRIC: summary[SWEEP_METRIC],
-            "layer_ratio": {c: [float(lay["ratio"][(lay["signature"] == c) & (lay["depth"] == d)].mean())
-                                for d in sorted(set(lay["depth"]))] for c in cfg.corruptions},
-            "cosine": {k: float(np.mean([r["cosine"][k] for r in per_seed])) for k in per_seed[0]["cosine"]},
-            "removal_max_abs_error": max(r["removal_max_abs_error"] for r in per_seed),
-            "storage": _storage(summary), "deviations": DEVIATIONS}
+    metrics = {"accuracy": {f"{a}{':' + c if c else ''}{f' α={al:g}' if al else ''} on {t}":
+                            float(pick(acc, a, t, c, al).mean()) for a, c, al, t in arms},
+               SWEEP_METRIC: summary[SWEEP_METRIC],
+               "layer_ratio": {c: [layer_ratio(lay, c, d) for d in sorted(set(lay["depth"]))] for c in cfg.corruptions},
+               "cosine": {k: float(np.mean([r["cosine"][k] for r in per_seed])) for k in per_seed[0]["cosine"]},
+               "removal_max_abs_error": max(r["removal_max_abs_error"] for r in per_seed), "storage": storage(summary)}
+    return Outputs(tables={"results": acc, "layers": lay}, figures={"rws.png": plot(cfg, acc, lay)}, metrics=metrics)
 
 
-def reproduce(cfg: RWSConfig, run_dir: RunDir) -> ClaimReport:
+def claims(cfg: RWSConfig, summary: dict, outputs: Outputs) -> list:
     """Patch gain, clean cost, shallow concentration, composition and 8-bit storage, over seeds × corruptions."""
-    summary, acc, lay = execute(cfg, run_dir, "reproduce")
-    dev = DEVIATIONS + [f"{cfg.seeds} seed(s), {cfg.arch}, corruptions {cfg.corruptions} at severity {cfg.severity}, "
-                        f"{cfg.keep_layers} patched layer(s), {cfg.finetune_epochs} fine-tune epochs"]
-    cs = cfg.corruptions
-    clean_on = {c: pick(acc, "clean", c) for c in cs}
+    acc, lay, cs = outputs.tables["results"], outputs.tables["layers"], cfg.corruptions
     first = [lay["ratio"][(lay["signature"] == c) & (lay["depth"] == 0)] for c in cs]
     deeper = [np.array([lay["ratio"][(lay["signature"] == c) & (lay["depth"] > 0) & (lay["seed"] == s)].mean()
                         for s in sorted(set(lay["seed"]))]) for c in cs]
-    claims = [
+    found = [
         compare("patching θ_std with RWS_c recovers most of the robust model's accuracy on corruption c",
                 "(acc_patch − acc_clean)/(acc_robust − acc_clean) on the corrupted test set at α = 1, per seed × "
-                "corruption (baseline: half the gain)", patch_gain(cfg, acc), [0.5], margin=0.0, deviations=dev),
+                "corruption (baseline: half the gain)", patch_gain(cfg, acc), [0.5], margin=0.0),
         compare("the patched model keeps the clean model's clean accuracy",
                 "clean test accuracy: θ_std + RWS_c vs θ_std; rule: within 0.02",
                 np.concatenate([pick(acc, "patch", "clean", c, 1.0) for c in cs]),
-                np.concatenate([pick(acc, "clean", "clean") for _ in cs]), margin=-0.02, deviations=dev),
+                np.concatenate([pick(acc, "clean", "clean") for _ in cs]), margin=-0.02),
         compare("the robust and clean models differ mostly in the first layer",
-                "‖θ_c − θ_std‖/‖θ_std − θ_pre‖: first layer (method) vs mean of the deeper layers "
-                "(baseline)",
-                np.concatenate(first), np.concatenate(deeper), margin=0.0, deviations=dev),
+                "‖θ_c − θ_std‖/‖θ_std − θ_pre‖: first layer (method) vs mean of the deeper layers (baseline)",
+                np.concatenate(first), np.concatenate(deeper), margin=0.0),
     ]
     if len(cs) > 1:
-        combo = "+".join(cs)
-        claims.append(compare("composing the signatures helps on every corruption",
-                              "min over corruptions of acc(θ_std + Σ α/n_c·RWS_c) − acc(θ_std) on that "
-                              "corruption",
-                              np.min([pick(acc, "compose", c, combo) - clean_on[c] for c in cs], axis=0), [0.0],
-                              margin=0.0, deviations=dev))
-    storage = _storage(summary)
-    claims += [
+        gains = [pick(acc, "compose", c, "+".join(cs)) - pick(acc, "clean", c) for c in cs]
+        found.append(compare("composing the signatures helps on every corruption",
+                             "min over corruptions of acc(θ_std + Σ α/n_c·RWS_c) − acc(θ_std) on that corruption",
+                             np.min(gains, axis=0), [0.0], margin=0.0))
+    sizes = storage(summary)
+    return found + [
         compare("the 8-bit RWS patches as well as the float32 RWS",
                 "corrupted-test accuracy at α = 1: 8-bit (method) vs float32 (baseline) signature; rule: within 0.01",
                 np.concatenate([pick(acc, "patch_int8", c, c, 1.0) for c in cs]),
-                np.concatenate([pick(acc, "patch", c, c, 1.0) for c in cs]), margin=-0.01, deviations=dev),
+                np.concatenate([pick(acc, "patch", c, c, 1.0) for c in cs]), margin=-0.01),
         compare("the 8-bit RWS is much smaller than a full weight copy (paper: up to 13×)",
-                f"storage ratio full float32 weights / 8-bit RWS "
-                f"({storage['full_weights']} B / {storage['rws_int8']} B)",
-                [storage["full_over_int8"]], [1.0], margin=0.0, deviations=dev),
+                f"storage ratio full float32 weights / 8-bit RWS ({sizes['full_weights']} B / {sizes['rws_int8']} B)",
+                [sizes["full_over_int8"]], [1.0], margin=0.0),
     ]
-    return ClaimReport(headline=claims[0], more=claims[1:])
 
 
 PIPELINE = Pipeline(
     config=RWSConfig,
-    run=run,
-    reproduce=reproduce,
-    trial=unit_trial(train_loop, RWSConfig),
+    execute=lambda cfg, stage: fit_plan(train_loop, cfg, stage,
+                                        f"{cfg.seeds} × ({2 + len(cfg.corruptions)} models)")["summary"],
+    outputs=outputs,
+    deviations=DEVIATIONS,
+    claims=claims,
+    budget=lambda cfg: (f"{cfg.seeds} seed(s), {cfg.arch}, corruptions {cfg.corruptions} at severity {cfg.severity}, "
+                        f"{cfg.keep_layers} patched layer(s), {cfg.finetune_epochs} fine-tune epochs"),
+    trial=lambda cfg: cfg,
     sweep_metric=SWEEP_METRIC,
     sweep_mode="max",
     profiles={

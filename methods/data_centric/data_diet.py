@@ -4,39 +4,35 @@ Scores: EL2N = ‖softmax(f(x)) − onehot(y)‖₂ after ``score_epochs`` of tr
 initialisation (or at the score epoch), each averaged over ``inits`` independent initialisations.
 Pruning keeps the highest-score fraction (optionally after dropping the ``offset`` highest) and
 retrains from scratch; a random subset of the same size is the baseline. The whole plan (scoring
-runs, then one retrain per arm × kept fraction, for each seed) runs in one Ray Train job with a
-checkpoint every epoch, so an interrupted run resumes where it stopped.
+runs, then one retrain per arm × kept fraction, for each seed) runs in one Ray Train job as
+resumable units, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from methods.classifiers import accuracy, build_classifier, train_epoch
+from methods.classifiers import Arch, ClassifierConfig, Training, accuracy, build_classifier, train_epoch
 from methods.data_centric.scores import el2n_scores, grand_scores, keep_indices
 from pipelines import train
-from pipelines.claims import ClaimReport, compare
-from pipelines.config import MethodConfig
+from pipelines.claims import compare
 from pipelines.data import build_splits, load_shard
-from pipelines.registry import Pipeline
-from pipelines.results import RunDir
-from pipelines.sweep import trial_run
-from pipelines.units import Unit, run_units, unit_key, unit_seed
+from pipelines.errors import UserError
+from pipelines.pipeline import Outputs, Pipeline, Stage
+from pipelines.results import columns, subplots
+from pipelines.units import run_units, unit_key, unit_seed
 
 Arm = Literal["el2n", "grand", "random", "el2n_lowest"]
 
 
-class DataDietConfig(MethodConfig):
+class DataDietConfig(ClassifierConfig):
     dataset: Literal["digits", "synthetic"] = "digits"
-    arch: Literal["mlp", "cnn"] = "mlp"
-    hidden: list[int] = Field([256, 256], min_length=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    batch_size: int = Field(64, ge=1)
+    arch: Arch = "mlp"
+    hidden: list[int] = Field([256, 256], min_length=1, description="MLP widths")
     inits: int = Field(5, ge=1, description="K independent initialisations averaged per score")
     score_epochs: int = Field(3, ge=1, description="epochs before EL2N is read")
     grand_at: Literal["init", "score_epoch"] = "init"
@@ -46,7 +42,6 @@ class DataDietConfig(MethodConfig):
     offset: float = Field(0.0, ge=0, lt=1, description="fraction of highest scores dropped first")
     full_reference: bool = True
     label_noise: float = Field(0.0, ge=0, le=0.9)
-    seeds: int = Field(1, ge=1, description="replicates: seeds seed, seed+1, …")
     test_fraction: float = Field(0.33, gt=0, lt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)
 
@@ -66,18 +61,35 @@ DEVIATIONS = [
 ]
 
 
-def plan(cfg: DataDietConfig) -> list[tuple]:
-    """Run order: ("score", seed, k), ("full", seed), ("prune", seed, arm, fraction).
+@dataclass(frozen=True)
+class Run:
+    """One training run of the plan: a scoring run (``init``), the full-data reference, or a retrain
+    on the kept ``fraction`` of ``arm``; ``key`` names its unit (and seeds its init and data order)."""
+
+    kind: Literal["score", "full", "prune"]
+    seed: int
+    init: int = 0
+    arm: str = ""
+    fraction: float = 1.0
+
+    @property
+    def key(self) -> str:
+        parts = {"score": (self.init,), "full": (), "prune": (self.arm, self.fraction)}[self.kind]
+        return unit_key((self.kind, self.seed, *parts))
+
+
+def plan(cfg: DataDietConfig) -> list[Run]:
+    """Per seed: the K scoring runs, the full-data reference, a retrain per (kept fraction, arm).
 
     With ``grand_at="init"`` each scoring run is preceded by a zero-epoch unit reading GraNd of
     the same initialisation (key ``grand0/<seed>/<k>``).
     """
-    units: list[tuple] = []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        units += [("score", seed, k) for k in range(cfg.inits)]
-        units += [("full", seed)] if cfg.full_reference else []
-        units += [("prune", seed, arm, f) for f in cfg.keep_fractions for arm in cfg.arms]
-    return units
+    runs: list[Run] = []
+    for seed in cfg.seed_range():
+        runs += [Run("score", seed, init=k) for k in range(cfg.inits)]
+        runs += [Run("full", seed)] if cfg.full_reference else []
+        runs += [Run("prune", seed, arm=arm, fraction=f) for f in cfg.keep_fractions for arm in cfg.arms]
+    return runs
 
 
 def mean_scores(cfg: DataDietConfig, done: dict, seed: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,22 +101,26 @@ def mean_scores(cfg: DataDietConfig, done: dict, seed: int, name: str) -> tuple[
     return idx, stacked.mean(0)
 
 
-def kept_idx(cfg: DataDietConfig, done: dict, seed: int, arm: str, fraction: float) -> torch.Tensor:
-    score_name = {"el2n": "el2n", "el2n_lowest": "el2n", "grand": "grand", "random": "el2n"}[arm]
-    idx, scores = mean_scores(cfg, done, seed, score_name)
-    keep = int(round(fraction * len(idx)))
-    mode = {"random": "random", "el2n_lowest": "lowest"}.get(arm, "highest")
-    gen = torch.Generator().manual_seed(unit_seed(unit_key(("prune", seed, arm, fraction))))
+def kept_idx(cfg: DataDietConfig, done: dict, run: Run) -> torch.Tensor:
+    """The example idx a retrain keeps: the top (bottom, random) ``fraction`` by the arm's mean score."""
+    score_name = {"el2n": "el2n", "el2n_lowest": "el2n", "grand": "grand", "random": "el2n"}[run.arm]
+    idx, scores = mean_scores(cfg, done, run.seed, score_name)
+    keep = int(round(run.fraction * len(idx)))
+    mode = {"random": "random", "el2n_lowest": "lowest"}.get(run.arm, "highest")
+    gen = torch.Generator().manual_seed(unit_seed(run.key))
     return idx[keep_indices(scores, keep, offset=int(round(cfg.offset * len(idx))), generator=gen, mode=mode)]
 
 
 def train_loop(loop_config: dict) -> None:
-    """Ray Train worker: the plan as units (GraNd at init, scoring runs, retrains), checkpointed each epoch."""
+    """Ray Train worker: the plan as units (GraNd at init, scoring runs, retrains)."""
     cfg = DataDietConfig(**loop_config["cfg"])
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    session = train.WorkerSession(cfg.checkpoint_every)
+    session = train.WorkerSession(loop_config)
     tr, val, test = (load_shard(name, session.device) for name in ("train", "val", "test"))
     shape, classes = tuple(tr["x"].shape[1:]), int(loop_config["num_classes"])
+    training = Training(
+        epoch=lambda m, opt, x, y, gen: train_epoch(m, opt, x, y, batch_size=cfg.batch_size, generator=gen),
+        optimizer=cfg.sgd,
+        evaluate=lambda m: accuracy(m, val["x"], val["y"]), device=session.device)
 
     def fresh(key: str) -> torch.nn.Module:
         """The initialisation of scoring run ``key`` (its GraNd-at-init unit shares it)."""
@@ -118,80 +134,88 @@ def train_loop(loop_config: dict) -> None:
             out["el2n"] = el2n_scores(model, tr["x"], tr["y"]).cpu()
         return session.gather(out)
 
-    def subset(unit: tuple, done: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(len(tr["idx"])) if unit[0] == "full" else \
-            torch.isin(tr["idx"].cpu(), kept_idx(cfg, done, *unit[1:])).nonzero().flatten()
+    def subset(run: Run, done: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(len(tr["idx"])) if run.kind == "full" else \
+            torch.isin(tr["idx"].cpu(), kept_idx(cfg, done, run)).nonzero().flatten()
         # each worker trains on the kept rows of its own shard; equal counts keep DDP ranks in step
-        share = torch.randperm(len(rows), generator=torch.Generator().manual_seed(unit_seed(unit_key(unit))))
+        share = torch.randperm(len(rows), generator=torch.Generator().manual_seed(unit_seed(run.key)))
         rows = rows[share[:session.smallest(len(rows))]].to(session.device)
         return tr["x"][rows], tr["y"][rows]
 
-    def retrained(model: torch.nn.Module, done: dict, unit: tuple) -> dict:
-        kept = kept_idx(cfg, done, *unit[1:]) if unit[0] == "prune" else done[unit_key(("score", unit[1], 0))]["idx"]
+    def retrained(model: torch.nn.Module, done: dict, run: Run) -> dict:
+        kept = kept_idx(cfg, done, run) if run.kind == "prune" else done[Run("score", run.seed).key]["idx"]
         return {"test_acc": accuracy(model, test["x"], test["y"]), "kept": len(kept)}
 
     units = []
-    for unit in plan(cfg):
-        key = unit_key(unit)
-        if unit[0] == "score":
+    for run in plan(cfg):
+        if run.kind == "score":
             if cfg.grand_at == "init":
-                units.append(Unit(f"grand0/{unit[1]}/{unit[2]}", 0, lambda done, k=key: fresh(k),
-                                  lambda done: (tr["x"], tr["y"]), lambda m, done: scores(m, with_el2n=False)))
-            units.append(Unit(key, cfg.score_epochs, lambda done, k=key: fresh(k), lambda done: (tr["x"], tr["y"]),
-                              lambda m, done: scores(m, with_el2n=True), progress=lambda e: {"retrain_epoch": 0}))
+                units.append(training.unit(f"grand0/{run.seed}/{run.init}", 0, lambda done, k=run.key: fresh(k),
+                                           lambda done: (tr["x"], tr["y"]), lambda m, done: scores(m, with_el2n=False)))
+            units.append(training.unit(run.key, cfg.score_epochs, lambda done, k=run.key: fresh(k),
+                                       lambda done: (tr["x"], tr["y"]), lambda m, done: scores(m, with_el2n=True),
+                                       progress=lambda e: {"retrain_epoch": 0}))
         else:
-            units.append(Unit(key, cfg.retrain_epochs, lambda done, k=key: fresh(k),
-                              lambda done, u=unit: subset(u, done), lambda m, done, u=unit: retrained(m, done, u),
-                              progress=lambda e: {"retrain_epoch": e + 1}))
-    run_units(session, units, evaluate=lambda m: accuracy(m, val["x"], val["y"]),
-              epoch=lambda m, opt, x, y, gen: train_epoch(m, opt, x, y, batch_size=cfg.batch_size, generator=gen),
-              optimizer=lambda params, unit: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                                             nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay))
+            units.append(training.unit(run.key, cfg.retrain_epochs, lambda done, k=run.key: fresh(k),
+                                       lambda done, r=run: subset(r, done),
+                                       lambda m, done, r=run: retrained(m, done, r),
+                                       progress=lambda e: {"retrain_epoch": e + 1}))
+    run_units(session, units)
 
 
-def execute(cfg: DataDietConfig, storage: str | None, name: str, callbacks: list | None = None) -> dict:
-    """Build the Ray datasets, fit the plan on Ray Train, return the final state.
-
-    ``state["done"]`` holds each unit's results; ``state["starts"]`` where each (re)start of the
-    loop began: a resumed run starts after the units and epochs its checkpoint already holds.
-    """
+def fit(cfg: DataDietConfig, stage: Stage) -> dict:
+    """The plan on Ray Train over Ray datasets of the splits; the final state (``done``, ``starts``)."""
     splits = build_splits(cfg.dataset, seed=cfg.seed, test_fraction=cfg.test_fraction,
                           val_fraction=cfg.val_fraction, label_noise=cfg.label_noise)
-    result = train.fit(train_loop, {"cfg": cfg.model_dump(), "num_classes": splits.num_classes}, cfg,
-                       name=name, storage=storage, datasets=splits.as_dict(), callbacks=callbacks)
-    return train.read_state(result.checkpoint)
+    return stage.fit(train_loop, {"cfg": cfg.model_dump(), "num_classes": splits.num_classes}, cfg,
+                     datasets=splits.as_dict())
+
+
+@dataclass(frozen=True)
+class Results:
+    """The score table (one row per seed × example), the pruning table (one row per retrained
+    model; None without retrains) and where each (re)start of the Train runs began."""
+
+    scores: dict[str, np.ndarray]
+    pruning: dict[str, np.ndarray] | None
+    starts: list[dict]
+
+
+def execute(cfg: DataDietConfig, stage: Stage) -> Results:
+    """The plan; a claim check runs it twice: scores with 10 % of labels flipped, pruning on clean labels."""
+    if not stage.claims:
+        readings = cfg.seeds * cfg.inits if cfg.grand_at == "init" else 0
+        stage.log(f"{len(plan(cfg))} training units" + (f" and {readings} GraNd-at-init readings" if readings else "")
+                  + f" on {cfg.num_workers} Ray Train worker(s)")
+        state = fit(cfg, stage)
+        pruning = pruning_table(cfg, state["done"]) if cfg.keep_fractions or cfg.full_reference else None
+        return Results(score_table(cfg, state["done"]), pruning, state["starts"])
+    noisy_cfg = cfg.model_copy(update={"label_noise": 0.1, "keep_fractions": [], "full_reference": False})
+    clean_cfg = cfg.model_copy(update={"label_noise": 0.0})
+    stage.log(f"noisy-label run: {len(plan(noisy_cfg))} units; pruning run: {len(plan(clean_cfg))} units")
+    noisy, clean = fit(noisy_cfg, stage.named("noisy")), fit(clean_cfg, stage.named("clean"))
+    return Results(score_table(noisy_cfg, noisy["done"]), pruning_table(clean_cfg, clean["done"]),
+                   noisy["starts"] + clean["starts"])
 
 
 def score_table(cfg: DataDietConfig, done: dict) -> dict[str, np.ndarray]:
     """One row per (seed, example): labels, flip flag, and K-averaged EL2N and GraNd."""
-    cols: dict[str, list] = {k: [] for k in ("seed", "idx", "label", "label_clean", "flipped", "el2n", "grand")}
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        first = done[unit_key(("score", seed, 0))]
+    parts = []
+    for seed in cfg.seed_range():
+        first = done[Run("score", seed).key]
         order = torch.argsort(first["idx"])
-        idx, e = mean_scores(cfg, done, seed, "el2n")
-        _, g = mean_scores(cfg, done, seed, "grand")
-        cols["seed"].append(np.full(len(idx), seed))
-        cols["idx"].append(idx.numpy())
-        cols["label"].append(first["y"][order].numpy())
-        cols["label_clean"].append(first["y_clean"][order].numpy())
-        cols["flipped"].append(first["flipped"][order].numpy())
-        cols["el2n"].append(e.numpy())
-        cols["grand"].append(g.numpy())
-    return {k: np.concatenate(v) for k, v in cols.items()}
+        idx, el2n = mean_scores(cfg, done, seed, "el2n")
+        parts.append({"seed": np.full(len(idx), seed), "idx": idx.numpy(), "label": first["y"][order].numpy(),
+                      "label_clean": first["y_clean"][order].numpy(), "flipped": first["flipped"][order].numpy(),
+                      "el2n": el2n.numpy(), "grand": mean_scores(cfg, done, seed, "grand")[1].numpy()})
+    return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
 
 
 def pruning_table(cfg: DataDietConfig, done: dict) -> dict[str, np.ndarray]:
-    rows = []
-    for unit in plan(cfg):
-        if unit[0] == "prune":
-            rows.append((unit[1], unit[2], 1 - unit[3], done[unit_key(unit)]))
-        elif unit[0] == "full":
-            rows.append((unit[1], "full", 0.0, done[unit_key(unit)]))
-    return {"seed": np.array([r[0] for r in rows]), "arm": np.array([r[1] for r in rows]),
-            "fraction_pruned": np.array([r[2] for r in rows]),
-            "test_acc": np.array([r[3]["test_acc"] for r in rows]),
-            "val_acc": np.array([r[3]["val_acc"] for r in rows]),
-            "kept": np.array([r[3]["kept"] for r in rows])}
+    """One row per retrained model (and full-data reference): its arm, fraction pruned and accuracies."""
+    return columns([{"seed": run.seed, "arm": run.arm or "full", "fraction_pruned": 1 - run.fraction,
+                     **{k: done[run.key][k] for k in ("test_acc", "val_acc", "kept")}}
+                    for run in plan(cfg) if run.kind != "score"])
 
 
 def noise_detection(scores: dict[str, np.ndarray], name: str) -> tuple[list[float], list[float]]:
@@ -208,13 +232,8 @@ def noise_detection(scores: dict[str, np.ndarray], name: str) -> tuple[list[floa
     return aurocs, top_shares
 
 
-def plot_scores(run_dir: RunDir, scores: dict[str, np.ndarray], grand_at: str, name: str = "scores.png") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+def plot_scores(scores: dict[str, np.ndarray], grand_at: str):
+    fig, axes = subplots(1, 2, figsize=(10, 3.5))
     flipped = scores["flipped"].astype(bool)
     for ax, key in zip(axes, ("el2n", "grand")):
         groups = [("clean labels", ~flipped), ("flipped labels", flipped)] if flipped.any() else [("all", ~flipped)]
@@ -224,16 +243,11 @@ def plot_scores(run_dir: RunDir, scores: dict[str, np.ndarray], grand_at: str, n
         ax.set_ylabel("density")
         ax.legend()
     fig.suptitle("Data Diet scores, averaged over initialisations")
-    run_dir.save_figure(fig, name)
+    return fig
 
 
-def plot_pruning(run_dir: RunDir, table: dict[str, np.ndarray], name: str = "pruning.png") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+def plot_pruning(table: dict[str, np.ndarray]):
+    fig, ax = subplots(figsize=(5.5, 4))
     for arm in sorted(set(table["arm"]) - {"full"}):
         rows = table["arm"] == arm
         fractions = sorted(set(table["fraction_pruned"][rows]))
@@ -244,7 +258,21 @@ def plot_pruning(run_dir: RunDir, table: dict[str, np.ndarray], name: str = "pru
     ax.set_xlabel("fraction of training data pruned")
     ax.set_ylabel("test accuracy")
     ax.legend()
-    run_dir.save_figure(fig, name)
+    return fig
+
+
+def outputs(cfg: DataDietConfig, results: Results) -> Outputs:
+    scores, pruning = results.scores, results.pruning
+    metrics: dict = {"examples": int((scores["seed"] == cfg.seed).sum()), "train_starts": results.starts}
+    if scores["flipped"].any():
+        aurocs, shares = noise_detection(scores, "el2n")
+        metrics["noise"] = {"el2n_auroc": float(np.mean(aurocs)), "el2n_top10_flipped_share": float(np.mean(shares)),
+                            "grand_auroc": float(np.mean(noise_detection(scores, "grand")[0]))}
+    tables, figures = {"results": scores}, {"scores.png": plot_scores(scores, cfg.grand_at)}
+    if pruning is not None:
+        tables["pruning"], figures["pruning.png"] = pruning, plot_pruning(pruning)
+        metrics["test_acc"] = summarize(pruning)
+    return Outputs(tables, figures, metrics)
 
 
 def summarize(table: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -255,83 +283,45 @@ def summarize(table: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     return out
 
 
-def run(cfg: DataDietConfig, run_dir: RunDir) -> dict:
-    readings = cfg.seeds * cfg.inits if cfg.grand_at == "init" else 0
-    run_dir.log(f"{len(plan(cfg))} training units" + (f" and {readings} GraNd-at-init readings" if readings else "")
-                + f" on {cfg.num_workers} Ray Train worker(s)")
-    state = execute(cfg, run_dir.storage, "data_diet")
-    done = state["done"]
-    scores = score_table(cfg, done)
-    run_dir.write_table("results.parquet", scores)
-    plot_scores(run_dir, scores, cfg.grand_at)
-    metrics: dict = {"examples": int((scores["seed"] == cfg.seed).sum()), "deviations": DEVIATIONS,
-                     "train_starts": state["starts"]}
-    if scores["flipped"].any():
-        aurocs, shares = noise_detection(scores, "el2n")
-        metrics["noise"] = {"el2n_auroc": float(np.mean(aurocs)), "el2n_top10_flipped_share": float(np.mean(shares)),
-                            "grand_auroc": float(np.mean(noise_detection(scores, "grand")[0]))}
-    if cfg.keep_fractions or cfg.full_reference:
-        table = pruning_table(cfg, done)
-        run_dir.write_table("pruning.parquet", table)
-        plot_pruning(run_dir, table)
-        metrics["test_acc"] = summarize(table)
-    return metrics
-
-
-def reproduce(cfg: DataDietConfig, run_dir: RunDir) -> ClaimReport:
-    """Noisy-label detection (10 % flipped) and pruning at 30 % / 50 % vs random, over ``seeds`` seeds."""
-    noisy_cfg = cfg.model_copy(update={"label_noise": 0.1, "keep_fractions": [], "full_reference": False})
-    clean_cfg = cfg.model_copy(update={"label_noise": 0.0})
-    run_dir.log(f"noisy-label run: {len(plan(noisy_cfg))} units; pruning run: {len(plan(clean_cfg))} units")
-    noisy = score_table(noisy_cfg, execute(noisy_cfg, run_dir.storage, "noisy")["done"])
-    clean_done = execute(clean_cfg, run_dir.storage, "clean")["done"]
-    table = pruning_table(clean_cfg, clean_done)
-    run_dir.write_table("results.parquet", noisy)
-    run_dir.write_table("pruning.parquet", table)
-    plot_scores(run_dir, noisy, cfg.grand_at)
-    plot_pruning(run_dir, table)
+def claims(cfg: DataDietConfig, results: Results, outputs: Outputs) -> list:
+    """Pruning at 50 % / 30 % vs random, and noisy-label detection (10 % flipped), over the seeds."""
+    table, noisy = results.pruning, results.scores
 
     def accs(arm: str, pruned: float) -> np.ndarray:
         rows = (table["arm"] == arm) & np.isclose(table["fraction_pruned"], pruned)
         return table["test_acc"][rows]
 
-    dev = DEVIATIONS + [f"{cfg.seeds} seeds, {cfg.inits} inits, {cfg.score_epochs} score epochs, "
-                        f"{cfg.retrain_epochs} retrain epochs"]
-    claims = [compare(f"training on the highest-EL2N {1 - p:.0%} of the data is at least as accurate as a "
-                      f"random subset of the same size ({p:.0%} pruned)", "test accuracy",
-                      accs("el2n", p), accs("random", p), margin=0.0, deviations=dev)
-              for p in (0.5, 0.3) if accs("el2n", p).size and accs("random", p).size]
-    if not claims:
-        from pipelines.errors import UserError
-
+    found = [compare(f"training on the highest-EL2N {1 - p:.0%} of the data is at least as accurate as a "
+                     f"random subset of the same size ({p:.0%} pruned)", "test accuracy",
+                     accs("el2n", p), accs("random", p), margin=0.0)
+             for p in (0.5, 0.3) if accs("el2n", p).size and accs("random", p).size]
+    if not found:
         raise UserError("reproduce needs arms el2n and random at keep fractions 0.5 and/or 0.7")
     aurocs, shares = noise_detection(noisy, "el2n")
-    claims.append(compare("with 10% of labels flipped, EL2N ranks flipped examples well above chance",
-                          "AUROC of EL2N for 'is flipped' (baseline: chance; rule: ≥ 0.1 above)",
-                          aurocs, [0.5], margin=0.1, deviations=dev))
-    claims.append(compare("flipped labels concentrate among the highest EL2N scores",
-                          "share of flipped labels in the top 10% EL2N (baseline: the 10% base rate)",
-                          shares, [float(noisy["flipped"].mean())], margin=0.0, deviations=dev))
+    found.append(compare("with 10% of labels flipped, EL2N ranks flipped examples well above chance",
+                         "AUROC of EL2N for 'is flipped' (baseline: chance; rule: ≥ 0.1 above)",
+                         aurocs, [0.5], margin=0.1))
+    found.append(compare("flipped labels concentrate among the highest EL2N scores",
+                         "share of flipped labels in the top 10% EL2N (baseline: the 10% base rate)",
+                         shares, [float(noisy["flipped"].mean())], margin=0.0))
     if accs("grand", 0.5).size:
-        claims.append(compare("GraNd at initialisation is weaker than EL2N (Kirsch 2023 reproduction)",
-                              "test accuracy at 50% pruned: EL2N (method) vs GraNd@init (baseline)",
-                              accs("el2n", 0.5), accs("grand", 0.5), margin=0.0, deviations=dev))
-    return ClaimReport(headline=claims[0], more=claims[1:])
-
-
-def trial(config: dict, storage: str) -> None:
-    """Ray Tune driver: score, then retrain on the highest-EL2N ``keep_fractions[0]``; reports val_acc."""
-    cfg = DataDietConfig(**config)
-    cfg = cfg.model_copy(update={"arms": ["el2n"], "keep_fractions": cfg.keep_fractions[:1] or [0.5],
-                                 "full_reference": False, "seeds": 1})
-    execute(cfg, storage, **trial_run())
+        found.append(compare("GraNd at initialisation is weaker than EL2N (Kirsch 2023 reproduction)",
+                             "test accuracy at 50% pruned: EL2N (method) vs GraNd@init (baseline)",
+                             accs("el2n", 0.5), accs("grand", 0.5), margin=0.0))
+    return found
 
 
 PIPELINE = Pipeline(
     config=DataDietConfig,
-    run=run,
-    reproduce=reproduce,
-    trial=trial,
+    execute=execute,
+    outputs=outputs,
+    deviations=DEVIATIONS,
+    claims=claims,
+    budget=lambda cfg: (f"{cfg.seeds} seeds, {cfg.inits} inits, {cfg.score_epochs} score epochs, "
+                        f"{cfg.retrain_epochs} retrain epochs"),
+    # one Tune trial: score, then retrain on the highest-EL2N ``keep_fractions[0]``; reports val_acc
+    trial=lambda cfg: cfg.model_copy(update={"arms": ["el2n"], "keep_fractions": cfg.keep_fractions[:1] or [0.5],
+                                             "full_reference": False, "seeds": 1}),
     sweep_metric="val_acc",
     sweep_mode="max",
     profiles={

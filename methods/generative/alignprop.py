@@ -16,32 +16,30 @@ reward against diversity. Every arm × seed runs in one Ray Train job, checkpoin
 
 from __future__ import annotations
 
-import ctypes
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from peft import set_peft_model_state_dict
 from pydantic import Field, model_validator
 
-from methods.generative.data import load_digit_images
+from methods.engines.memory import measure
 from methods.generative.ddpo import PerPromptStatTracker, ddpo_iteration
-from methods.generative.evaluation import balanced_labels, sample_metrics
-from methods.generative.judges import ConvClassifier, class_log_prob, extract_features
+from methods.generative.evaluation import balanced_labels, load_evaluation, plot_sample_rows
+from methods.generative.judges import ConvClassifier, class_log_prob
 from methods.generative.models import add_lora, load_lora_soup, lora_state
-from methods.generative.pretrain import (GenerativeConfig, GeneratorSpec, build_generator, cache_root,
-                                         ensure_pretrained, generator_spec, judge_spec, load_generator, load_judges)
+from methods.generative.pretrain import (GenerativeConfig, GeneratorSpec, build_generator, generator_spec, judge_spec,
+                                         load_generator, pretrained)
 from methods.generative.samplers import cfg_predictor, sample_ddim
 from methods.generative.schedules import make_ddim_scheduler, make_ddpm_scheduler
 from pipelines import train
-from pipelines.claims import ClaimReport, compare
+from pipelines.claims import compare
 from pipelines.errors import UserError
-from pipelines.registry import Pipeline
-from pipelines.results import RunDir
-from pipelines.sweep import trial_run
-from pipelines.units import unit_key, unit_seed
+from pipelines.pipeline import Outputs, Pipeline, Stage
+from pipelines.results import RunDir, columns, subplots
+from pipelines.units import Unit, Work, run_units, unit_key, unit_seed
 
 Truncation = Literal["k1", "uniform", "gaussian", "full"]
 Arm = Literal["k1", "uniform", "gaussian", "full", "ddpo"]
@@ -73,7 +71,6 @@ class AlignPropConfig(GenerativeConfig):
     eval_every: int = Field(160, ge=1, description="samples between evaluations (and checkpoints)")
     eval_per_class: int = Field(10, ge=6, description="evaluation samples per class")
     soup_coefs: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="LoRA mixing coefficients")
-    seeds: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _budget(self):
@@ -97,7 +94,7 @@ DEVIATIONS = [
 
 
 def plan(cfg: AlignPropConfig) -> list[tuple[str, int]]:
-    return [(arm, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for arm in cfg.arms]
+    return [(arm, seed) for seed in cfg.seed_range() for arm in cfg.arms]
 
 
 def truncation_steps(kind: Truncation, n: int, generator: torch.Generator) -> int:
@@ -154,68 +151,50 @@ def train_step(cfg: AlignPropConfig, arm: str, model, proxy, scheduler, labels: 
 
 
 def finetune_loop(config: dict) -> None:
-    """Ray Train worker: every (arm, seed) unit in turn, evaluating and checkpointing every ``eval_every`` samples."""
+    """Ray Train worker: every (arm, seed) unit in turn, evaluated every ``eval_every`` samples."""
     cfg = AlignPropConfig(**config["cfg"])
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    session = train.WorkerSession(cfg.checkpoint_every)
+    session = train.WorkerSession(config)
     root = Path(config["root"])
-    judges = load_judges(root, judge_spec(cfg))
-    real = extract_features(judges.gold, load_digit_images()[0])
-    scheduler = make_ddim_scheduler(make_ddpm_scheduler(), cfg.num_inference_steps)
-    eval_labels = balanced_labels(cfg.eval_per_class)
-    state = session.state or {"done": {}, "current": None}
+    kit, eval_labels = load_evaluation(root, cfg), balanced_labels(cfg.eval_per_class)
 
     def evaluate(model, seed: int, count: int | None = None) -> tuple[dict, torch.Tensor]:
         """Metrics of the fixed evaluation batch (same noise for every arm and checkpoint of a seed)."""
         labels = eval_labels[:count]
-        with torch.no_grad():
-            x = sample_ddim(cfg_predictor(model, labels, cfg.guidance_scale), scheduler, (len(labels), 1, 8, 8),
-                            eta=cfg.eta, generator=torch.Generator().manual_seed(10_000 + seed)).sample
-        return sample_metrics(x, labels, judges, real), x.clamp(-1, 1)
+        return kit.sample(cfg_predictor(model, labels, cfg.guidance_scale), labels, cfg.eta, 10_000 + seed)
 
-    units = plan(cfg)
-    for number, (arm, seed) in enumerate(units, 1):
-        key = unit_key((arm, seed))
-        if key in state["done"]:
-            continue
-        seed_of_unit = unit_seed(key)
+    def start(arm: str, seed: int) -> Work:
+        """Fresh LoRA on the pretrained generator; the curve starts with the pretrained model's point."""
+        seed_of_unit = unit_seed(unit_key((arm, seed)))
         model = lora_model(root, cfg, seed_of_unit)
-        pretrained = lora_state(model)
         ddpo = arm == "ddpo"
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg.ddpo_lr if ddpo else cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                       weight_decay=cfg.ddpo_weight_decay if ddpo else cfg.weight_decay)
-        generator = torch.Generator().manual_seed(seed_of_unit + 7919 * session.rank)
-        current = state["current"] if state["current"] and state["current"]["key"] == key else None
-        if current is None:
-            current = {"key": key, "samples": 0, "updates": 0, "cpu": 0.0, "tracker": {},
-                       "curve": [{"samples": 0, "train_reward": float("nan"), **evaluate(model, seed)[0]}]}
-        else:
-            set_peft_model_state_dict(model, current["lora"])
-            optimizer.load_state_dict(current["optimizer"])
-            generator.set_state(current["generator"])
-        tracker = PerPromptStatTracker(cfg.ddpo_buffer, cfg.ddpo_buffer, current["tracker"])
-        per_update = cfg.ddpo_batch_size if ddpo else cfg.batch_size
-        while current["samples"] < cfg.samples:
-            labels = torch.randint(0, 10, (per_update // session.world_size,), generator=generator)
-            start = time.thread_time()
-            stats = train_step(cfg, arm, model, judges.proxy, scheduler, labels, generator, tracker, optimizer,
-                               session.world_size)
-            current.update(cpu=current["cpu"] + time.thread_time() - start, samples=current["samples"] + per_update,
-                           updates=current["updates"] + 1)
-            if current["samples"] % cfg.eval_every == 0:
-                metrics = evaluate(model, seed)[0]
-                current["curve"].append({"samples": current["samples"], "train_reward": stats["train_reward"],
-                                         **metrics})
-                current.update(lora=lora_state(model), optimizer=optimizer.state_dict(),
-                               generator=generator.get_state(), tracker=tracker.buffers)
-                state["current"] = current
-                session.report({"unit": number, "units": len(units), "samples": current["samples"], **metrics},
-                               state)
-        result = {"curve": current["curve"], "cpu_per_update": current["cpu"] / current["updates"],
-                  "updates": current["updates"]}
-        finetuned = lora_state(model)
-        if not ddpo:  # LoRA soups: reward against diversity
+        return Work(saved=("model", "optimizer", "generator", "tracker", "samples", "updates", "cpu", "curve"),
+                    model=model, pretrained=lora_state(model), optimizer=optimizer,
+                    generator=torch.Generator().manual_seed(seed_of_unit + 7919 * session.rank),
+                    tracker=PerPromptStatTracker(cfg.ddpo_buffer, cfg.ddpo_buffer), samples=0, updates=0, cpu=0.0,
+                    curve=[{"samples": 0, "train_reward": float("nan"), **evaluate(model, seed)[0]}])
+
+    def update(work: Work, arm: str, seed: int) -> dict:
+        per_update = cfg.ddpo_batch_size if arm == "ddpo" else cfg.batch_size
+        labels = torch.randint(0, 10, (per_update // session.world_size,), generator=work.generator)
+        tic = time.thread_time()
+        stats = train_step(cfg, arm, work.model, kit.judges.proxy, kit.scheduler, labels, work.generator, work.tracker,
+                           work.optimizer, session.world_size)
+        work.cpu += time.thread_time() - tic
+        work.samples += per_update
+        work.updates += 1
+        metrics = {"samples": work.samples, "train_reward": stats["train_reward"]}
+        if work.samples % cfg.eval_every == 0:
+            work.curve.append({**metrics, **evaluate(work.model, seed)[0]})
+            metrics = work.curve[-1]
+        return metrics
+
+    def finetuned(work: Work, arm: str, seed: int) -> dict:
+        result = {"curve": work.curve, "cpu_per_update": work.cpu / work.updates, "updates": work.updates}
+        model, pretrained, finetuned = work.model, work.pretrained, lora_state(work.model)
+        if arm != "ddpo":  # LoRA soups: reward against diversity
             result["soup"] = []
             for coef in cfg.soup_coefs:
                 load_lora_soup(model, pretrained, finetuned, coef)
@@ -224,31 +203,48 @@ def finetune_loop(config: dict) -> None:
             for name, coef in (("grid", 1.0), ("grid_before", 0.0)):
                 load_lora_soup(model, pretrained, finetuned, coef)
                 result[name] = evaluate(model, seed, 20)[1]
-        state = {"done": {**state["done"], key: result}, "current": None}
-        if session.rank == 0:
-            print(f"[alignprop] {number}/{len(units)} {key} done", flush=True)
-    last = state["done"][unit_key(units[-1])]["curve"][-1]
-    session.report({"unit": len(units), "units": len(units), **{k: last[k] for k in ("samples", *CURVE_METRICS)}},
-                   state, force=True)
+        return result
+
+    units = [Unit(unit_key((arm, seed)), cfg.samples // (cfg.ddpo_batch_size if arm == "ddpo" else cfg.batch_size),
+                  lambda done, a=arm, s=seed: start(a, s), lambda work, i, a=arm, s=seed: update(work, a, s),
+                  lambda work, done, a=arm, s=seed: finetuned(work, a, s), step_name="update")
+             for arm, seed in plan(cfg)]
+    run_units(session, units)
 
 
-def execute(cfg: AlignPropConfig, storage: str, name: str, log=print, callbacks: list | None = None) -> dict:
-    """Pretrain (or load) the generator and judges, fine-tune every unit; return the finished units."""
-    root = cache_root(cfg, storage)
-    ensure_pretrained([generator_spec(cfg), judge_spec(cfg)], cfg, storage, root, log, prefix=f"{name}-pretrain")
-    log(f"fine-tuning {len(plan(cfg))} (arm, seed) units, {cfg.samples} samples each, on Ray Train")
-    result = train.fit(finetune_loop, {"cfg": cfg.model_dump(), "root": str(root)}, cfg, name=name,
-                       storage=storage, callbacks=callbacks)
-    return train.read_state(result.checkpoint)["done"]
+@dataclass(frozen=True)
+class Results:
+    """The finished (arm, seed) units and, in a claim check, the costs of one update per backprop variant."""
+
+    done: dict
+    costs: dict[str, dict] | None = None
 
 
-def backprop_costs(channels: list[int], batch: int, steps: int, variants: dict[str, tuple[int, bool]]) -> dict:
-    """Peak resident-memory growth (MiB) and CPU seconds of one AlignProp update (sample + backward) per variant.
+def execute(cfg: AlignPropConfig, stage: Stage) -> Results:
+    """Pretrain (or load) the generator and judges, fine-tune every unit in one Train run; a claim check
+    then measures the costs of K = 1 and the full chain (written to ``<out>/costs.json``)."""
+    if stage.claims and ("ddpo" not in cfg.arms or all(arm == "ddpo" for arm in cfg.arms)):
+        raise UserError("reproduce needs the ddpo arm and at least one AlignProp truncation in arms")
+    root = pretrained(cfg, stage, [generator_spec(cfg), judge_spec(cfg)])
+    stage.log(f"fine-tuning {len(plan(cfg))} (arm, seed) units, {cfg.samples} samples each, on Ray Train")
+    done = stage.fit(finetune_loop, {"cfg": cfg.model_dump(), "root": str(root)}, cfg)["done"]
+    if not stage.claims:
+        return Results(done)
+    import ray
 
-    ``variants`` maps a name to (grad_steps, checkpoint). After one unmeasured update (one-time
-    allocations), each variant starts with free heap returned to the OS (``malloc_trim``) and the
-    kernel's peak-RSS mark reset (``/proc/self/clear_refs``), so VmHWM − VmRSS is that update's own
-    peak: the chain's working memory plus the graph kept for its last ``grad_steps`` steps. Linux only.
+    stage.log("measuring peak memory and CPU time of one update: K = 1 vs full chain")
+    task = ray.remote(num_cpus=cfg.cpus_per_worker)(backprop_costs)
+    costs = ray.get(task.remote(cfg.gen_channels, cfg.batch_size, cfg.num_inference_steps))
+    RunDir(Path(stage.storage).parent, "alignprop").write_json("costs.json", costs)
+    return Results(done, costs)
+
+
+def backprop_costs(channels: list[int], batch: int, steps: int) -> dict[str, dict]:
+    """Peak resident-memory growth (MiB) and CPU seconds of one AlignProp update (sample + backward) per variant:
+    K = 1 and the full chain, both checkpointed, and the full chain without checkpointing.
+
+    After one unmeasured update (one-time allocations), :func:`methods.engines.memory.measure` reads
+    each variant's own peak: the chain's working memory plus the graph kept for its last K steps. Linux only.
     """
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -257,182 +253,102 @@ def backprop_costs(channels: list[int], batch: int, steps: int, variants: dict[s
     scheduler = make_ddim_scheduler(make_ddpm_scheduler(), steps)
     labels = torch.arange(batch) % 10
 
-    def update(grad_steps: int, checkpoint: bool) -> float:
-        start = time.thread_time()
+    def update(grad_steps: int, checkpoint: bool) -> None:
         loss, _ = reward_backprop(model, proxy, scheduler, labels, torch.Generator().manual_seed(0), grad_steps,
                                   checkpoint=checkpoint)
         loss.backward()
         model.zero_grad(set_to_none=True)
-        return time.thread_time() - start
 
     update(1, True)
-    out = {}
-    for name, (grad_steps, checkpoint) in variants.items():
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _proc_status_kib("VmRSS")
-        seconds = update(grad_steps, checkpoint)
-        out[name] = {"peak_mb": (_proc_status_kib("VmHWM") - base) / 1024, "cpu_seconds": seconds}
-    return out
-
-
-def _proc_status_kib(field: str) -> int:
-    line = next(row for row in Path("/proc/self/status").read_text().splitlines() if row.startswith(field + ":"))
-    return int(line.split()[1])
-
-
-def measure_costs(cfg: AlignPropConfig) -> dict[str, dict]:
-    """``backprop_costs`` of K = 1 and the full chain (with and without checkpointing), in one Ray task."""
-    import ray
-
-    n = cfg.num_inference_steps
-    variants = {"k1": (1, True), "full": (n, True), "full_no_checkpointing": (n, False)}
-    task = ray.remote(num_cpus=cfg.cpus_per_worker)(backprop_costs)
-    return ray.get(task.remote(cfg.gen_channels, cfg.batch_size, n, variants))
-
-
-def curve_table(cfg: AlignPropConfig, done: dict) -> dict[str, np.ndarray]:
-    rows = [{"arm": arm, "seed": seed, **point} for arm, seed in plan(cfg)
-            for point in done[unit_key((arm, seed))]["curve"]]
-    return {k: np.array([r[k] for r in rows]) for k in ("arm", "seed", "samples", "train_reward", *CURVE_METRICS,
-                                                         "precision", "recall")}
-
-
-def soup_table(cfg: AlignPropConfig, done: dict) -> dict[str, np.ndarray]:
-    rows = [{"arm": arm, "seed": seed, **point} for arm, seed in plan(cfg) if arm != "ddpo"
-            for point in done[unit_key((arm, seed))]["soup"]]
-    return {k: np.array([r[k] for r in rows]) for k in ("arm", "seed", "coef", *CURVE_METRICS)}
+    variants = {"k1": (1, True), "full": (steps, True), "full_no_checkpointing": (steps, False)}
+    return {name: asdict(measure(lambda: update(*variant))) for name, variant in variants.items()}
 
 
 def final(cfg: AlignPropConfig, done: dict, arm: str, metric: str) -> np.ndarray:
     """Per seed, ``metric`` at the end of the sample budget."""
-    return np.array([done[unit_key((arm, s))]["curve"][-1][metric] for s in range(cfg.seed, cfg.seed + cfg.seeds)])
+    return np.array([done[unit_key((arm, s))]["curve"][-1][metric] for s in cfg.seed_range()])
 
 
-def plot_curves(run_dir: RunDir, table: dict[str, np.ndarray]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = (("proxy_reward", "proxy reward log p(c|x)"), ("gold_reward", "gold reward log p(c|x)"),
-               ("class_precision", "gold class precision"))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(15, 4))
-    for ax, (metric, label) in zip(axes, metrics):
+def plot_means(table: dict[str, np.ndarray], x: str, xlabel: str, metrics: dict[str, str]):
+    """Per arm, each metric's mean over the seeds against ``x``, with the seeds' min–max band."""
+    fig, axes = subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
+    for ax, (metric, label) in zip(axes, metrics.items()):
         for arm in dict.fromkeys(table["arm"]):
             rows = table["arm"] == arm
-            xs = np.unique(table["samples"][rows])
-            ys = np.array([[v for v in table[metric][rows & (table["samples"] == x)]] for x in xs])
+            xs = np.unique(table[x][rows])
+            ys = np.array([table[metric][rows & (table[x] == v)] for v in xs])
             ax.plot(xs, ys.mean(1), marker="o", ms=3, label=arm if arm == "ddpo" else f"alignprop {arm}")
             ax.fill_between(xs, ys.min(1), ys.max(1), alpha=0.2)
-        ax.set_xlabel("generated samples")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
     axes[0].legend()
-    run_dir.save_figure(fig, "rewards.png")
+    return fig
 
 
-def plot_samples(run_dir: RunDir, cfg: AlignPropConfig, done: dict) -> None:
-    import matplotlib
+def outputs(cfg: AlignPropConfig, results: Results) -> Outputs:
+    """Curves and soups (tables and figures), and the metrics at the start and end, averaged over the seeds."""
+    units = {(arm, seed): results.done[unit_key((arm, seed))] for arm, seed in plan(cfg)}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def points(kind: str, keys: list[str]) -> dict[str, np.ndarray]:
+        """One row per point of each unit's curve or soup."""
+        return columns([{"arm": arm, "seed": seed, **point} for (arm, seed), unit in units.items()
+                        for point in unit.get(kind, [])], ["arm", "seed", *keys])
 
-    first = {arm: done[unit_key((arm, cfg.seed))] for arm in cfg.arms}
-    rows = [("pretrained", next(iter(first.values()))["grid_before"])] + [(arm, r["grid"]) for arm, r in first.items()]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 0.8 * len(rows) + 0.5))
-    for ax, (name, grid) in zip(axes, rows):
-        ax.imshow(torch.cat(list(grid[:, 0]), dim=1).numpy(), cmap="gray_r", vmin=-1, vmax=1)
-        ax.set_axis_off()
-        ax.set_title(name if name in ("pretrained", "ddpo") else f"alignprop {name}", fontsize=8, loc="left")
-    run_dir.save_figure(fig, "samples.png")
-
-
-def plot_soup(run_dir: RunDir, table: dict[str, np.ndarray]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, metric in zip(axes, ("proxy_reward", "gold_reward", "diversity")):
-        for arm in dict.fromkeys(table["arm"]):
-            rows = table["arm"] == arm
-            coefs = np.unique(table["coef"][rows])
-            ax.plot(coefs, [table[metric][rows & (table["coef"] == c)].mean() for c in coefs], marker="o", label=arm)
-        ax.set_xlabel("LoRA mixing coefficient α (0 = pretrained)")
-        ax.set_ylabel(metric)
-    axes[0].legend()
-    run_dir.save_figure(fig, "soup.png")
-
-
-def write_outputs(run_dir: RunDir, cfg: AlignPropConfig, done: dict) -> dict:
-    curves = curve_table(cfg, done)
-    run_dir.write_table("curves.parquet", curves)
-    plot_curves(run_dir, curves)
-    plot_samples(run_dir, cfg, done)
-    summary = {arm: {m: float(final(cfg, done, arm, m).mean()) for m in CURVE_METRICS} for arm in cfg.arms}
-    for arm in cfg.arms:
-        summary[arm]["cpu_seconds_per_update"] = float(np.mean(
-            [done[unit_key((arm, s))]["cpu_per_update"] for s in range(cfg.seed, cfg.seed + cfg.seeds)]))
-    pretrained = {m: float(np.mean([done[unit_key((cfg.arms[0], s))]["curve"][0][m]
-                                    for s in range(cfg.seed, cfg.seed + cfg.seeds)])) for m in CURVE_METRICS}
-    out = {"pretrained": pretrained, "final": summary, "samples_per_arm": cfg.samples, "deviations": DEVIATIONS}
+    tables = {"curves": points("curve", ["samples", "train_reward", *CURVE_METRICS, "precision", "recall"])}
+    first = {arm: units[arm, cfg.seed] for arm in cfg.arms}
+    grids = {"pretrained": first[cfg.arms[0]]["grid_before"],
+             **{arm if arm == "ddpo" else f"alignprop {arm}": unit["grid"] for arm, unit in first.items()}}
+    figures = {"rewards.png": plot_means(tables["curves"], "samples", "generated samples",
+                                         {"proxy_reward": "proxy reward log p(c|x)",
+                                          "gold_reward": "gold reward log p(c|x)",
+                                          "class_precision": "gold class precision"}),
+               "samples.png": plot_sample_rows(grids)}
     if any(arm != "ddpo" for arm in cfg.arms):
-        soup = soup_table(cfg, done)
-        run_dir.write_table("soup.parquet", soup)
-        plot_soup(run_dir, soup)
-    return out
+        tables["soup"] = points("soup", ["coef", *CURVE_METRICS])
+        figures["soup.png"] = plot_means(tables["soup"], "coef", "LoRA mixing coefficient α (0 = pretrained)",
+                                         {m: m for m in ("proxy_reward", "gold_reward", "diversity")})
+    seeds = cfg.seed_range()
+    final_means = {arm: {**{m: float(final(cfg, results.done, arm, m).mean()) for m in CURVE_METRICS},
+                         "cpu_seconds_per_update": float(np.mean([units[arm, s]["cpu_per_update"] for s in seeds]))}
+                   for arm in cfg.arms}
+    pretrained_means = {m: float(np.mean([units[cfg.arms[0], s]["curve"][0][m] for s in seeds])) for m in CURVE_METRICS}
+    return Outputs(tables, figures, {"pretrained": pretrained_means, "final": final_means,
+                                     "samples_per_arm": cfg.samples})
 
 
-def run(cfg: AlignPropConfig, run_dir: RunDir) -> dict:
-    return write_outputs(run_dir, cfg, execute(cfg, run_dir.storage, "alignprop", run_dir.log))
-
-
-def reproduce(cfg: AlignPropConfig, run_dir: RunDir) -> ClaimReport:
+def claims(cfg: AlignPropConfig, results: Results, outputs: Outputs) -> list:
     """AlignProp vs DDPO at equal samples (proxy, then gold reward); full-chain vs K = 1 memory and time."""
+    done, c = results.done, results.costs
     methods = [arm for arm in cfg.arms if arm != "ddpo"]
-    if "ddpo" not in cfg.arms or not methods:
-        raise UserError("reproduce needs the ddpo arm and at least one AlignProp truncation in arms")
-    done = execute(cfg, run_dir.storage, "alignprop", run_dir.log)
-    metrics = write_outputs(run_dir, cfg, done)
-    run_dir.log("measuring peak memory and CPU time of one update: K = 1 vs full chain")
-    costs = measure_costs(cfg)
-    run_dir.write_json("costs.json", costs)
-    dev = DEVIATIONS + [f"{cfg.seeds} seed(s), {cfg.samples} samples per arm, {cfg.num_inference_steps} DDIM steps, "
-                        f"generator {cfg.gen_epochs} epochs"]
-    claims = [compare(f"AlignProp ({arm}) reaches a higher proxy reward than DDPO with the same {cfg.samples} samples",
-                      "proxy reward at the end of the budget", final(cfg, done, arm, "proxy_reward"),
-                      final(cfg, done, "ddpo", "proxy_reward"), deviations=dev) for arm in methods]
-    claims += [compare(f"AlignProp ({arm}) also reaches a higher gold (held-out classifier) reward than DDPO",
-                       "gold reward at the end of the budget", final(cfg, done, arm, "gold_reward"),
-                       final(cfg, done, "ddpo", "gold_reward"), deviations=dev) for arm in methods]
-    c = costs
+    found = [compare(f"AlignProp ({arm}) reaches a higher proxy reward than DDPO with the same {cfg.samples} samples",
+                     "proxy reward at the end of the budget", final(cfg, done, arm, "proxy_reward"),
+                     final(cfg, done, "ddpo", "proxy_reward")) for arm in methods]
+    found += [compare(f"AlignProp ({arm}) also reaches a higher gold (held-out classifier) reward than DDPO",
+                      "gold reward at the end of the budget", final(cfg, done, arm, "gold_reward"),
+                      final(cfg, done, "ddpo", "gold_reward")) for arm in methods]
     memory_ratio = c["full"]["peak_mb"] / max(c["k1"]["peak_mb"], 1e-9)
-    claims.append(compare("full-chain reward backprop needs more peak memory than K = 1 (both checkpointed)",
-                          f"peak memory growth of one update, MiB (ratio {memory_ratio:.2f})",
-                          [c["full"]["peak_mb"]], [c["k1"]["peak_mb"]], deviations=dev))
-    claims.append(compare("full-chain reward backprop takes more time per update than K = 1",
-                          f"CPU seconds per update (ratio {c['full']['cpu_seconds'] / c['k1']['cpu_seconds']:.2f})",
-                          [c["full"]["cpu_seconds"]], [c["k1"]["cpu_seconds"]], deviations=dev))
-    claims.append(compare("gradient checkpointing lowers the peak memory of full-chain backprop",
-                          "peak memory growth, MiB: full chain without (method) vs with checkpointing",
-                          [c["full_no_checkpointing"]["peak_mb"]], [c["full"]["peak_mb"]], deviations=dev))
-    run_dir.log(f"final rewards: {metrics['final']}")
-    return ClaimReport(headline=claims[0], more=claims[1:])
-
-
-def trial(config: dict, storage: str) -> None:
-    """Ray Tune driver: one AlignProp arm, reporting the evaluation proxy reward at every checkpoint."""
-    cfg = AlignPropConfig(**config)
-    cfg = cfg.model_copy(update={"arms": [a for a in cfg.arms if a != "ddpo"][:1] or ["k1"], "seeds": 1})
-    execute(cfg, storage, **trial_run())
+    return found + [
+        compare("full-chain reward backprop needs more peak memory than K = 1 (both checkpointed)",
+                f"peak memory growth of one update, MiB (ratio {memory_ratio:.2f})",
+                [c["full"]["peak_mb"]], [c["k1"]["peak_mb"]]),
+        compare("full-chain reward backprop takes more time per update than K = 1",
+                f"CPU seconds per update (ratio {c['full']['cpu_seconds'] / c['k1']['cpu_seconds']:.2f})",
+                [c["full"]["cpu_seconds"]], [c["k1"]["cpu_seconds"]]),
+        compare("gradient checkpointing lowers the peak memory of full-chain backprop",
+                "peak memory growth, MiB: full chain without (method) vs with checkpointing",
+                [c["full_no_checkpointing"]["peak_mb"]], [c["full"]["peak_mb"]])]
 
 
 PIPELINE = Pipeline(
     config=AlignPropConfig,
-    run=run,
-    reproduce=reproduce,
-    trial=trial,
+    execute=execute,
+    outputs=outputs,
+    deviations=DEVIATIONS,
+    claims=claims,
+    budget=lambda cfg: (f"{cfg.seeds} seed(s), {cfg.samples} samples per arm, {cfg.num_inference_steps} DDIM steps, "
+                        f"generator {cfg.gen_epochs} epochs"),
+    # one Tune trial: one AlignProp arm, reporting the evaluation proxy reward at every checkpoint
+    trial=lambda cfg: cfg.model_copy(update={"arms": [a for a in cfg.arms if a != "ddpo"][:1] or ["k1"], "seeds": 1}),
     sweep_metric="proxy_reward",
     sweep_mode="max",
     profiles={

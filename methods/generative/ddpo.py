@@ -19,11 +19,17 @@ from methods.generative.samplers import cfg_predictor, ddim_step, sample_ddim
 
 
 class PerPromptStatTracker:
-    """DDPO's per-prompt reward normaliser; ``buffers`` (class → recent rewards) is checkpointable."""
+    """DDPO's per-prompt reward normaliser; ``buffers`` (class → recent rewards) is its checkpointed state."""
 
-    def __init__(self, buffer: int = 16, min_count: int = 16, buffers: dict[str, list[float]] | None = None):
+    def __init__(self, buffer: int = 16, min_count: int = 16):
         self.buffer, self.min_count = buffer, min_count
-        self.buffers = {k: list(v) for k, v in (buffers or {}).items()}
+        self.buffers: dict[str, list[float]] = {}
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.buffers.items()}
+
+    def load_state_dict(self, buffers: dict[str, list[float]]) -> None:
+        self.buffers = {k: list(v) for k, v in buffers.items()}
 
     def advantages(self, labels: Tensor, rewards: Tensor) -> Tensor:
         out = torch.empty_like(rewards)

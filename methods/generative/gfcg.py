@@ -16,23 +16,19 @@ distance and k-NN precision/recall in its feature space, per-class diversity (``
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from methods.generative.data import load_digit_images
-from methods.generative.evaluation import balanced_labels, sample_metrics
+from methods.generative.evaluation import balanced_labels, load_evaluation, plot_sample_rows
 from methods.generative.guidance import GradientFreeClassifierGuidance, guided_predictor
-from methods.generative.judges import extract_features
-from methods.generative.pretrain import (GenerativeConfig, cache_root, ensure_pretrained, generator_spec, judge_spec,
-                                         load_generator, load_judges)
-from methods.generative.samplers import sample_ddim
-from methods.generative.schedules import make_ddim_scheduler, make_ddpm_scheduler
-from pipelines.claims import ClaimReport, compare
-from pipelines.registry import Pipeline
-from pipelines.results import RunDir
+from methods.generative.pretrain import GenerativeConfig, generator_spec, judge_spec, load_generator, pretrained
+from pipelines.claims import compare
+from pipelines.pipeline import Outputs, Pipeline, Stage
+from pipelines.results import columns, group_means, subplots
 
 METRICS = ("class_precision", "proxy_reward", "gold_reward", "frechet_distance", "precision", "recall", "diversity")
 
@@ -50,7 +46,6 @@ class GFCGConfig(GenerativeConfig):
     gfcg_stop: float = Field(1.0, gt=0, le=1, description="fraction of steps after which GFCG stops")
     eta: float = Field(0.0, ge=0, le=1, description="DDIM noise weight (0 = deterministic)")
     samples_per_class: int = Field(50, ge=6)
-    seeds: int = Field(1, ge=1, description="sampling seeds seed, seed+1, …")
 
     @model_validator(mode="after")
     def _combo(self):
@@ -63,7 +58,8 @@ class GFCGConfig(GenerativeConfig):
 
 DEVIATIONS = [
     "GFCG's reference-class rule and scale function are the platform's reconstruction (c_ref = most probable "
-    "other class of the classifier on the conditional x̂₀; s_t = s_max·min(1, (p_ref/p_c)^γ) or s_max·(1 − p_c)); "
+    "other class of the classifier on the conditional x̂₀; s_t = s_max·min(1, (p_ref/p_c)^γ) or "
+    "s_max·(1 − p_c)); "
     "the paper's own equations could not be read offline (only its abstract and summary)",
     "data: sklearn digits 8×8 instead of ImageNet 512×512; a small UNet2DModel DDPM instead of EDM2; DDIM sampling",
     "GFCG classifier: the proxy CNN trained on clean digits (not noise-aware), applied to x̂₀",
@@ -93,22 +89,12 @@ def make_guider(cfg: GFCGConfig) -> GradientFreeClassifierGuidance:
                                           start=cfg.gfcg_start, stop=cfg.gfcg_stop)
 
 
-def pretrain(cfg: GFCGConfig, storage: str, log=print, prefix: str = "pretrain"):
-    """The cache folder holding the generator, the weak generator and the judges (trained if missing)."""
-    root = cache_root(cfg, storage)
-    ensure_pretrained([generator_spec(cfg), weak_spec(cfg), judge_spec(cfg)], cfg, storage, root, log, prefix)
-    return root
-
-
 def evaluate_seed(seed: int, chosen: list[dict], config: dict, root: str) -> list[dict]:
     """Sample every arm from the seed's noise and score it (one Ray task per seed)."""
     torch.set_num_threads(1)
     cfg = GFCGConfig(**config)
     model, weak = load_generator(root, generator_spec(cfg)), load_generator(root, weak_spec(cfg))
-    judges = load_judges(root, judge_spec(cfg))
-    real = extract_features(judges.gold, load_digit_images()[0])
-    scheduler = make_ddim_scheduler(make_ddpm_scheduler(), cfg.num_inference_steps)
-    labels = balanced_labels(cfg.samples_per_class)
+    kit, labels = load_evaluation(root, cfg), balanced_labels(cfg.samples_per_class)
     rows: list[int] = []
     for net in (model, weak):
         net.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
@@ -116,36 +102,32 @@ def evaluate_seed(seed: int, chosen: list[dict], config: dict, root: str) -> lis
     for arm in chosen:
         rows.clear()
         trace: list = []
-        predict = guided_predictor(model, labels, scheduler, base=arm["base"], scale=arm["scale"], weak=weak,
-                                   gfcg=make_guider(cfg) if arm["gfcg"] else None, classifier=judges.proxy,
+        predict = guided_predictor(model, labels, kit.scheduler, base=arm["base"], scale=arm["scale"], weak=weak,
+                                   gfcg=make_guider(cfg) if arm["gfcg"] else None, classifier=kit.judges.proxy,
                                    trace=trace)
         start = time.thread_time()
-        with torch.no_grad():
-            sample = sample_ddim(predict, scheduler, (len(labels), 1, 8, 8), eta=cfg.eta,
-                                 generator=torch.Generator().manual_seed(seed)).sample
-        results.append({"arm": arm["name"], "seed": seed, **sample_metrics(sample, labels, judges, real),
+        metrics, sample = kit.sample(predict, labels, cfg.eta, seed)
+        results.append({"arm": arm["name"], "seed": seed, **metrics,
                         "nfe": sum(rows) / (len(labels) * cfg.num_inference_steps),
-                        "cpu_seconds": time.thread_time() - start, "grid": sample[:20].clamp(-1, 1),
+                        "cpu_seconds": time.thread_time() - start, "grid": sample[:20],
                         "gfcg_scale_mean": float(torch.cat([s for _, s in trace]).mean()) if trace else 0.0})
     return results
 
 
-def evaluate(cfg: GFCGConfig, root, chosen: list[dict] | None = None) -> list[dict]:
-    """All arms of a seed in one Ray task (``cpus_per_worker`` CPUs); seeds in parallel.
-
-    "DEFAULT" scheduling keeps the tasks out of a Tune trial's placement group.
-    """
+def execute(cfg: GFCGConfig, stage: Stage) -> list[dict]:
+    """Pretrain (or load) the generator, the weak generator and the judges; then every arm (a Tune trial:
+    the gfcg arm alone) per seed, all arms of a seed in one Ray task of ``cpus_per_worker`` CPUs, seeds in
+    parallel ("DEFAULT" scheduling keeps the tasks out of a Tune trial's placement group)."""
     import ray
 
+    root = pretrained(cfg, stage, [generator_spec(cfg), weak_spec(cfg), judge_spec(cfg)])
+    chosen = [arm for arm in arms(cfg) if stage.purpose != "trial" or arm["name"] == "gfcg"]
+    if stage.purpose != "trial":
+        make_guider(cfg).save_pretrained(Path(stage.storage).parent / "gfcg_guider")  # <out>/gfcg_guider
+        stage.log(f"sampling {len(chosen)} arms × {cfg.seeds} seed(s), {10 * cfg.samples_per_class} digits each")
     task = ray.remote(num_cpus=cfg.cpus_per_worker, scheduling_strategy="DEFAULT")(evaluate_seed)
-    jobs = [task.remote(seed, chosen or arms(cfg), cfg.model_dump(), str(root))
-            for seed in range(cfg.seed, cfg.seed + cfg.seeds)]
+    jobs = [task.remote(seed, chosen, cfg.model_dump(), str(root)) for seed in cfg.seed_range()]
     return [result for job in ray.get(jobs) for result in job]
-
-
-def table(results: list[dict]) -> dict[str, np.ndarray]:
-    keys = ["arm", "seed", *METRICS, "nfe", "cpu_seconds", "gfcg_scale_mean"]
-    return {k: np.array([r[k] for r in results]) for k in keys}
 
 
 def per_seed(results: list[dict], arm: str, metric: str) -> np.ndarray:
@@ -180,19 +162,8 @@ def first_crossing(target: float, prec: list[float], rec: list[float]) -> float:
     return float(rec[int(np.argmax(prec))])
 
 
-def summarize(results: list[dict]) -> dict[str, dict[str, float]]:
-    names = list(dict.fromkeys(r["arm"] for r in results))
-    return {a: {m: float(per_seed(results, a, m).mean()) for m in (*METRICS, "nfe")} for a in names}
-
-
-def plot_precision_recall(run_dir: RunDir, results: list[dict], cfg: GFCGConfig) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = summarize(results)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+def plot_precision_recall(summary: dict[str, dict[str, float]], cfg: GFCGConfig):
+    fig, axes = subplots(1, 2, figsize=(11, 4.5))
     for ax, y, label in ((axes[0], "class_precision", "class precision (gold classifier)"),
                          (axes[1], "precision", "k-NN precision (gold features)")):
         curve = ["cond"] + [f"cfg@{w:g}" for w in cfg.cfg_scales]
@@ -204,87 +175,54 @@ def plot_precision_recall(run_dir: RunDir, results: list[dict], cfg: GFCGConfig)
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle(f"GFCG on digits: every arm, mean over {cfg.seeds} seed(s)")
-    run_dir.save_figure(fig, "precision_recall.png")
+    return fig
 
 
-def plot_samples(run_dir: RunDir, results: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    first = [r for r in results if r["seed"] == min(r["seed"] for r in results)]
-    fig, axes = plt.subplots(len(first), 1, figsize=(10, 0.7 * len(first) + 0.5))
-    for ax, r in zip(np.atleast_1d(axes), first):
-        row = torch.cat(list(r["grid"][:, 0]), dim=1)
-        ax.imshow(row.numpy(), cmap="gray_r", vmin=-1, vmax=1)
-        ax.set_axis_off()
-        ax.set_title(r["arm"], fontsize=8, loc="left")
-    run_dir.save_figure(fig, "samples.png")
+def outputs(cfg: GFCGConfig, results: list[dict]) -> Outputs:
+    table = columns(results, ["arm", "seed", *METRICS, "nfe", "cpu_seconds", "gfcg_scale_mean"])
+    summary = {arm: {m: means[m] for m in (*METRICS, "nfe")} for arm, means in group_means(table, "arm").items()}
+    first_seed = {r["arm"]: r["grid"] for r in results if r["seed"] == cfg.seed}
+    return Outputs(tables={"results": table}, metrics={"arms": summary},
+                   figures={"precision_recall.png": plot_precision_recall(summary, cfg),
+                            "samples.png": plot_sample_rows(first_seed, row_height=0.7)})
 
 
-def write_outputs(run_dir: RunDir, cfg: GFCGConfig, results: list[dict]) -> dict:
-    run_dir.write_table("results.parquet", table(results))
-    plot_precision_recall(run_dir, results, cfg)
-    plot_samples(run_dir, results)
-    make_guider(cfg).save_pretrained(run_dir.path / "gfcg_guider")
-    return {"arms": summarize(results), "deviations": DEVIATIONS}
-
-
-def run(cfg: GFCGConfig, run_dir: RunDir) -> dict:
-    root = pretrain(cfg, run_dir.storage, run_dir.log)
-    run_dir.log(f"sampling {len(arms(cfg))} arms × {cfg.seeds} seed(s), {10 * cfg.samples_per_class} digits each")
-    return write_outputs(run_dir, cfg, evaluate(cfg, root))
-
-
-def reproduce(cfg: GFCGConfig, run_dir: RunDir) -> ClaimReport:
+def claims(cfg: GFCGConfig, results: list[dict], outputs: Outputs) -> list:
     """GFCG vs the same base without it (class precision), and recall vs CFG at matched class precision."""
-    root = pretrain(cfg, run_dir.storage, run_dir.log)
-    results = evaluate(cfg, root)
-    write_outputs(run_dir, cfg, results)
     w0 = f"cfg@{cfg.combo_cfg_scale:g}"
-    dev = DEVIATIONS + [f"{cfg.seeds} sampling seed(s) × {10 * cfg.samples_per_class} samples; generator "
-                        f"{cfg.gen_epochs} epochs, weak {cfg.weak_epochs}; s_max {cfg.gfcg_scale}, "
-                        f"rule {cfg.scale_rule}"]
 
-    def gain(arm: str, base: str) -> object:
+    def gain(arm: str, base: str):
         return compare(f"GFCG raises class precision over the same base without it ({base} → {arm})",
                        "class precision (gold classifier)", per_seed(results, arm, "class_precision"),
-                       per_seed(results, base, "class_precision"), deviations=dev)
+                       per_seed(results, base, "class_precision"))
 
-    def recall(arm: str, min_scale: float) -> object:
+    def recall(arm: str, min_scale: float):
         return compare(f"{arm} loses no more recall than raising the CFG scale (≥ {min_scale:g}) to the same "
                        "class precision", "k-NN recall: GFCG arm vs the CFG curve interpolated at its class precision",
-                       per_seed(results, arm, "recall"), cfg_matched_recall(results, cfg, arm, min_scale),
-                       deviations=dev)
+                       per_seed(results, arm, "recall"), cfg_matched_recall(results, cfg, arm, min_scale))
 
-    more = [gain(f"{w0}+gfcg", w0), gain("atg+gfcg", "atg"), recall("gfcg", 1.0),
+    return [gain("gfcg", "cond"), gain(f"{w0}+gfcg", w0), gain("atg+gfcg", "atg"), recall("gfcg", 1.0),
             recall(f"{w0}+gfcg", cfg.combo_cfg_scale),
             compare("ATG+GFCG has a lower Fréchet distance than ATG alone (paper: better fidelity with ATG)",
                     "Fréchet distance (gold features)", per_seed(results, "atg+gfcg", "frechet_distance"),
-                    per_seed(results, "atg", "frechet_distance"), higher_is_better=False, deviations=dev),
+                    per_seed(results, "atg", "frechet_distance"), higher_is_better=False),
             compare("check of the ATG baseline: autoguidance lowers the Fréchet distance of the conditional model "
                     "(Karras et al.)", "Fréchet distance (gold features): atg vs cond",
                     per_seed(results, "atg", "frechet_distance"), per_seed(results, "cond", "frechet_distance"),
-                    higher_is_better=False, deviations=dev)]
-    return ClaimReport(headline=gain("gfcg", "cond"), more=more)
-
-
-def trial(config: dict, storage: str) -> None:
-    """Ray Tune driver: GFCG on the conditional model (pretraining cached in the sweep's storage); reports FD."""
-    from ray import tune
-
-    cfg = GFCGConfig(**config).model_copy(update={"seeds": 1})
-    root = pretrain(cfg, storage, prefix=f"trial-{tune.get_context().get_trial_id()}-pretrain")
-    result = evaluate(cfg, root, [arm for arm in arms(cfg) if arm["name"] == "gfcg"])[0]
-    tune.report({m: result[m] for m in METRICS})
+                    higher_is_better=False)]
 
 
 PIPELINE = Pipeline(
     config=GFCGConfig,
-    run=run,
-    reproduce=reproduce,
-    trial=trial,
+    execute=execute,
+    outputs=outputs,
+    deviations=DEVIATIONS,
+    claims=claims,
+    budget=lambda cfg: (f"{cfg.seeds} sampling seed(s) × {10 * cfg.samples_per_class} samples; generator "
+                        f"{cfg.gen_epochs} epochs, weak {cfg.weak_epochs}; s_max {cfg.gfcg_scale}, "
+                        f"rule {cfg.scale_rule}"),
+    trial=lambda cfg: cfg.model_copy(update={"seeds": 1}),  # the gfcg arm alone; its metrics reported once
+    tune_metrics=lambda cfg, results: {m: results[0][m] for m in METRICS},
     sweep_metric="frechet_distance",
     sweep_mode="min",
     profiles={

@@ -2,19 +2,18 @@
 
 Generators (``ClassConditionalUNet``) minimise, per mini-batch of digits x₀ with labels c dropped to
 the null label with probability p (for classifier-free guidance),
-    DDPM: E‖ε_θ(√ᾱ_t x₀ + √(1 − ᾱ_t) ε, t, c̃) − ε‖²     flow: E‖v_θ((1 − σ)x₀ + σε, σT, c̃) − (ε − x₀)‖²
+    DDPM: E‖ε_θ(√ᾱ_t x₀ + √(1 − ᾱ_t) ε, t, c̃) − ε‖²
+    flow: E‖v_θ((1 − σ)x₀ + σε, σT, c̃) − (ε − x₀)‖²
 with Adam, a checkpoint every epoch (so an interrupted fit resumes at the next epoch) and, with
 several Train workers, gradients averaged over the workers' shards. The judges (proxy CNN and
-gold MLP, ``judges.train_judges``) are one more unit. Each finished unit is written to a cache
-folder keyed by a fingerprint of its spec, ``<cache>/<kind>-<fingerprint>/``; the cache is the
-run's ``<out>/generative`` unless ``cache_dir`` names a shared folder, so later stages, reruns,
-Tune trials and other methods load the weights instead of training again.
+gold MLP, ``judges.train_judges``) are one more unit. Each finished unit is a fingerprint-keyed
+cache entry (``pipelines.cache.CacheEntry``), ``<cache>/<kind>-<fingerprint of spec and VERSION>/``;
+the cache is the run's ``<out>/generative`` unless ``cache_dir`` names a shared folder, so later
+stages, reruns, Tune trials and other methods load the weights instead of training again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,11 +27,13 @@ from methods.generative.judges import ConvClassifier, Judges, MLPClassifier, tra
 from methods.generative.models import ClassConditionalUNet
 from methods.generative.schedules import diffusion_loss, flow_matching_loss, make_ddpm_scheduler
 from pipelines import train
-from pipelines.config import MethodConfig
-from pipelines.results import atomic_dir
+from pipelines.cache import CacheEntry, fingerprint
+from pipelines.config import TrainConfig
+from pipelines.pipeline import Stage
+from pipelines.units import Unit, Work, no_steps, run_units
 
 VERSION = 1  # bump when training code changes what a spec produces
-WEIGHTS, META = "weights.pt", "meta.json"
+WEIGHTS = "weights.pt"
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class JudgeSpec:
 Spec = GeneratorSpec | JudgeSpec
 
 
-class GenerativeConfig(MethodConfig):
+class GenerativeConfig(TrainConfig):
     """Settings of the pretrained base shared by the generative methods."""
 
     cache_dir: str | None = Field(None, description="shared cache of pretrained models (default <out>/generative)")
@@ -91,18 +92,10 @@ def cache_root(cfg: GenerativeConfig, storage: str) -> Path:
     return Path(cfg.cache_dir).expanduser().resolve() if cfg.cache_dir else Path(storage).parent / "generative"
 
 
-def fingerprint(spec: Spec) -> str:
-    payload = {"unit": type(spec).__name__, "version": VERSION, **asdict(spec)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def unit_dir(root: Path, spec: Spec) -> Path:
+def cache_entry(root: Path, spec: Spec) -> CacheEntry:
+    """The cache entry of ``spec``: ``<root>/<ddpm|flow|judges>-<fingerprint of its fields and VERSION>``."""
     kind = spec.kind if isinstance(spec, GeneratorSpec) else "judges"
-    return Path(root) / f"{kind}-{fingerprint(spec)}"
-
-
-def is_cached(root: Path, spec: Spec) -> bool:
-    return (unit_dir(root, spec) / META).exists()
+    return CacheEntry(Path(root), kind, {**asdict(spec), "version": VERSION})
 
 
 def build_generator(spec: GeneratorSpec) -> ClassConditionalUNet:
@@ -115,44 +108,46 @@ def build_generator(spec: GeneratorSpec) -> ClassConditionalUNet:
 def load_generator(root: Path, spec: GeneratorSpec) -> ClassConditionalUNet:
     """The cached generator in eval mode, its weights frozen."""
     model = build_generator(spec)
-    model.load_state_dict(torch.load(unit_dir(root, spec) / WEIGHTS, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(cache_entry(root, spec).path / WEIGHTS, map_location="cpu", weights_only=True))
     return model.eval().requires_grad_(False)
 
 
 def load_judges(root: Path, spec: JudgeSpec) -> Judges:
-    state = torch.load(unit_dir(root, spec) / WEIGHTS, map_location="cpu", weights_only=True)
+    state = torch.load(cache_entry(root, spec).path / WEIGHTS, map_location="cpu", weights_only=True)
     proxy, gold = ConvClassifier(), MLPClassifier(spec.image_size)
     proxy.load_state_dict(state["proxy"])
     gold.load_state_dict(state["gold"])
     return Judges(proxy=proxy.eval().requires_grad_(False), gold=gold.eval().requires_grad_(False))
 
 
-def read_meta(root: Path, spec: Spec) -> dict:
-    return json.loads((unit_dir(root, spec) / META).read_text())
-
-
-def ensure_pretrained(specs: list[Spec], cfg: MethodConfig, storage: str, root: Path,
+def ensure_pretrained(specs: list[Spec], cfg: TrainConfig, storage: str, root: Path,
                       log: Callable[[str], None] = print, prefix: str = "pretrain") -> None:
     """Train (one Ray Train fit) every spec that is not in the cache ``root`` yet.
 
-    The fit is named ``<prefix>-<hash of the specs>``: a rerun in the same storage resumes it, and
-    concurrent Tune trials (each with its own ``prefix``) do not share a Train run.
+    The fit is named ``<prefix>-<fingerprint of the entries>``: a rerun in the same storage resumes
+    it, and concurrent Tune trials (each with its own ``prefix``) do not share a Train run.
     """
-    specs = list(dict.fromkeys(specs))
-    missing = [s for s in specs if not is_cached(root, s)]
+    entries = {spec: cache_entry(root, spec) for spec in specs}
+    missing = [spec for spec, entry in entries.items() if not entry.ready]
     if not missing:
         return
-    log(f"pretraining {', '.join(unit_dir(root, s).name for s in missing)} on Ray Train (cache {root})")
-    units = [{"kind": type(s).__name__, "spec": asdict(s), "path": str(unit_dir(root, s))} for s in specs]
-    config = {"units": units, "threads": max(1, int(cfg.cpus_per_worker)), "checkpoint_every": cfg.checkpoint_every}
-    key = hashlib.sha256(" ".join(u["path"] for u in units).encode()).hexdigest()[:8]
-    train.fit(pretrain_loop, config, cfg, name=f"{prefix}-{key}", storage=storage)
+    log(f"pretraining {', '.join(entries[s].path.name for s in missing)} on Ray Train (cache {root})")
+    units = [{"kind": type(spec).__name__, "spec": asdict(spec)} for spec in entries]
+    name = f"{prefix}-{fingerprint([entry.path.name for entry in entries.values()])}"
+    train.fit(pretrain_loop, {"root": str(root), "units": units}, cfg, name=name, storage=storage)
     for spec in missing:
-        if not is_cached(root, spec):
-            raise RuntimeError(f"pretraining finished without writing {unit_dir(root, spec)}")
+        if not entries[spec].ready:
+            raise RuntimeError(f"pretraining finished without writing {entries[spec].path}")
         if isinstance(spec, GeneratorSpec):
-            losses = read_meta(root, spec)["losses"]
-            log(f"{unit_dir(root, spec).name}: loss {losses[0]:.4f} → {losses[-1]:.4f} over {len(losses)} epochs")
+            losses = entries[spec].meta()["losses"]
+            log(f"{entries[spec].path.name}: loss {losses[0]:.4f} → {losses[-1]:.4f} over {len(losses)} epochs")
+
+
+def pretrained(cfg: GenerativeConfig, stage: Stage, specs: list[Spec]) -> Path:
+    """The cache folder holding ``specs``, pretraining the missing ones in a Train run named after ``stage``."""
+    root = cache_root(cfg, stage.storage)
+    ensure_pretrained(specs, cfg, stage.storage, root, stage.log, prefix=f"{stage.name}-pretrain")
+    return root
 
 
 def generator_epoch(model: ClassConditionalUNet, optimizer: torch.optim.Optimizer, spec: GeneratorSpec,
@@ -180,57 +175,48 @@ def generator_epoch(model: ClassConditionalUNet, optimizer: torch.optim.Optimize
 
 
 def pretrain_loop(config: dict) -> None:
-    """Ray Train worker: each unit in turn; generators checkpoint every epoch, rank 0 fills the cache."""
-    torch.set_num_threads(config["threads"])
-    session = train.WorkerSession(config["checkpoint_every"])
-    state = session.state or {"done": [], "current": None}
-    for number, unit in enumerate(config["units"]):
-        path = Path(unit["path"])
-        if path.name in state["done"] or (path / META).exists():
-            continue
+    """Ray Train worker: each spec not cached yet as a unit (generators: one step per epoch; judges:
+    trained whole in ``finish``); rank 0 writes each finished unit to its cache entry."""
+    session = train.WorkerSession(config)
+
+    def generator_unit(spec: GeneratorSpec, entry: CacheEntry) -> Unit:
+        def start(done: dict) -> Work:
+            model = build_generator(spec)
+            return Work(saved=("model", "optimizer", "generator", "losses"), model=model,
+                        optimizer=torch.optim.Adam(model.parameters(), lr=spec.lr),
+                        generator=torch.Generator().manual_seed(spec.seed + 7919 * session.rank),
+                        data=load_digit_images(spec.image_size), losses=[])
+
+        def epoch(work: Work, index: int) -> dict:
+            work.losses.append(generator_epoch(work.model, work.optimizer, spec, *work.data, work.generator,
+                                               session.rank, session.world_size))
+            return {"loss": work.losses[-1]}
+
+        def cached(work: Work, done: dict) -> dict:
+            if session.rank == 0:
+                entry.write(lambda folder: torch.save(work.model.state_dict(), folder / WEIGHTS),
+                            {"losses": work.losses})
+            return {"loss": work.losses[-1]}
+
+        return Unit(entry.path.name, spec.epochs, start, epoch, cached, step_name="epoch")
+
+    def judges_unit(spec: JudgeSpec, entry: CacheEntry) -> Unit:
+        def cached(work: Work, done: dict) -> dict:
+            judges = train_judges(*load_digit_images(spec.image_size), seed=spec.seed, epochs=spec.epochs)
+            if session.rank == 0:
+                weights = {"proxy": judges.proxy.state_dict(), "gold": judges.gold.state_dict()}
+                entry.write(lambda folder: torch.save(weights, folder / WEIGHTS))
+            return {}
+
+        return Unit(entry.path.name, 0, lambda done: Work(), no_steps, cached)
+
+    units = []
+    for unit in config["units"]:
         if unit["kind"] == "JudgeSpec":
             spec = JudgeSpec(**unit["spec"])
-            images, labels = load_digit_images(spec.image_size)
-            judges = train_judges(images, labels, seed=spec.seed, epochs=spec.epochs)
-            weights, meta = {"proxy": judges.proxy.state_dict(), "gold": judges.gold.state_dict()}, {}
         else:
             spec = GeneratorSpec(**{**unit["spec"], "channels": tuple(unit["spec"]["channels"])})
-            weights, meta = _train_generator(spec, session, state, number, path.name)
-        if session.rank == 0:
-            save_unit(path, weights, {"spec": unit["spec"], "fingerprint": path.name, **meta})
-        state = {"done": state["done"] + [path.name], "current": None}
-        session.report({"unit": number + 1, "epoch": 0, "loss": meta.get("losses", [0.0])[-1]}, state)
-    session.report({"unit": len(config["units"]), "epoch": 0, "loss": 0.0}, state, force=True)
-
-
-def _train_generator(spec: GeneratorSpec, session: train.WorkerSession, state: dict, number: int,
-                     key: str) -> tuple[dict, dict]:
-    images, labels = load_digit_images(spec.image_size)
-    model = build_generator(spec)
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
-    generator = torch.Generator().manual_seed(spec.seed + 7919 * session.rank)
-    resumed = state["current"] is not None and state["current"]["key"] == key
-    current = state["current"] if resumed else {"key": key, "epoch": -1, "losses": []}
-    if resumed:
-        model.load_state_dict(current["model"])
-        optimizer.load_state_dict(current["optimizer"])
-        generator.set_state(current["generator"])
-    for epoch in range(current["epoch"] + 1, spec.epochs):
-        loss = generator_epoch(model, optimizer, spec, images, labels, generator, session.rank, session.world_size)
-        current = {"key": key, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "generator": generator.get_state(), "losses": current["losses"] + [loss]}
-        state["current"] = current
-        session.report({"unit": number + 1, "epoch": epoch + 1, "loss": loss}, state)
-        if session.rank == 0 and ((epoch + 1) % 10 == 0 or epoch + 1 == spec.epochs):
-            print(f"[pretrain {key}] epoch {epoch + 1}/{spec.epochs}: loss {loss:.4f}", flush=True)
-    return model.state_dict(), {"losses": current["losses"]}
-
-
-def save_unit(path: Path, weights: dict, meta: dict) -> None:
-    """Write ``weights.pt`` and ``meta.json`` into ``path`` atomically."""
-
-    def write(tmp: Path) -> None:
-        torch.save(weights, tmp / WEIGHTS)
-        (tmp / META).write_text(json.dumps(meta))
-
-    atomic_dir(path, write)
+        entry = cache_entry(Path(config["root"]), spec)
+        if not entry.ready:
+            units.append(judges_unit(spec, entry) if isinstance(spec, JudgeSpec) else generator_unit(spec, entry))
+    run_units(session, units)

@@ -22,32 +22,28 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from methods.language_models.corpus import CodeCorpus, build_code_corpus, code_snippets, subset
-from methods.language_models.lm_pretrain import LMSpec, cache_dir, cached_tokenizer, load_lm, pretrained_lm
+from methods.language_models.corpus import build_code_corpus, code_snippets, subset
+from methods.language_models.lm_pretrain import TinyLMConfig, cached_tokenizer, load_lm, pretrained_lm
 from methods.language_models.memorization import memorization_scores
-from methods.language_models.tokenizer import train_bpe_tokenizer
+from methods.language_models.tokenizer import load_tokenizer, train_bpe_tokenizer
 from methods.language_models.unlearning_losses import METHODS, USES_RETAIN, Method, forget_loss, retain_loss
 from pipelines import train
-from pipelines.claims import ClaimReport, compare
-from pipelines.config import MethodConfig
-from pipelines.registry import Pipeline
-from pipelines.results import RunDir
-from pipelines.sweep import trial_run
-from pipelines.units import unit_key
+from pipelines.claims import compare
+from pipelines.pipeline import Outputs, Pipeline, Stage
+from pipelines.results import columns, group_means, subplots
+from pipelines.units import Unit, Work, no_steps, run_units, unit_key
 
 EL_NS = (3, 5, 10)
 
 
-class CodeEraserConfig(MethodConfig):
+class CodeEraserConfig(TinyLMConfig):
     method: Method = Field("code_eraser", description="unlearning method of `run` (reproduce runs all four)")
-    seeds: int = Field(1, ge=1, description="replicates: forget sets drawn with seeds seed, seed+1, …")
     # corpus
     snippet_lines: int = Field(10, ge=3)
     block: int = Field(96, ge=32, le=512, description="tokens per sample")
@@ -58,13 +54,8 @@ class CodeEraserConfig(MethodConfig):
     n_background: int = Field(256, ge=0, description="files seen once in pretraining")
     n_heldout: int = Field(32, ge=2)
     repeats: int = Field(10, ge=1, description="copies of the secret and retain files in pretraining")
-    # language model
-    lm_family: Literal["gpt2", "llama"] = "gpt2"
-    lm_layers: int = Field(2, ge=1)
-    lm_dim: int = Field(128, ge=16)
-    lm_heads: int = Field(4, ge=1)
+    # language model (TinyLMConfig)
     pretrain_epochs: int = Field(12, ge=1)
-    pretrain_lr: float = Field(3e-3, gt=0)
     pretrain_batch: int = Field(16, ge=1)
     # unlearning
     lr: float = Field(3e-4, gt=0, description="Adam lr (paper 3e-6 for 350M–7B models)")
@@ -80,8 +71,6 @@ class CodeEraserConfig(MethodConfig):
     def _sizes(self):
         if self.forget_size > self.n_secret:
             raise ValueError(f"forget_size {self.forget_size} exceeds n_secret {self.n_secret}")
-        if self.lm_dim % self.lm_heads:
-            raise ValueError("lm_dim must be divisible by lm_heads")
         return self
 
 
@@ -100,22 +89,18 @@ DEVIATIONS = [
 ]
 
 
-def lm_spec(cfg: CodeEraserConfig) -> LMSpec:
-    """Positions beyond ``block`` are only reached by batched EL generation past a row's own budget."""
-    return LMSpec(family=cfg.lm_family, n_layer=cfg.lm_layers, d_model=cfg.lm_dim, n_head=cfg.lm_heads,
-                  max_positions=2 * cfg.block, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
-                  batch_size=cfg.pretrain_batch, seed=cfg.seed)
-
-
-def prepare(cfg: CodeEraserConfig, storage: str, log=print) -> tuple[CodeCorpus, Path]:
-    """Tokenizer, corpus and the memorizing LM (trained once per out dir, then cached)."""
+def prepare(cfg: CodeEraserConfig, stage: Stage) -> dict:
+    """The unlearning loop's inputs: the corpus splits and the memorizing LM (trained once per out dir, then
+    cached; positions beyond ``block`` are only reached by batched EL generation past a row's own budget)."""
     snippets = code_snippets(lines=cfg.snippet_lines)
-    tokenizer = cached_tokenizer(storage, "code_lm", lambda: train_bpe_tokenizer(snippets[::3], cfg.vocab_size))
+    tokenizer = load_tokenizer(cached_tokenizer(stage.storage, train_bpe_tokenizer, snippets[::3], cfg.vocab_size))
     corpus = build_code_corpus(tokenizer, snippets, n_secret=cfg.n_secret, n_retain=cfg.n_retain,
                                n_background=cfg.n_background, n_heldout=cfg.n_heldout, block=cfg.block,
                                seed=cfg.seed)
-    pretrained_lm(corpus.pretraining_rows(cfg.repeats), tokenizer, lm_spec(cfg), cfg, storage, "code_lm", log)
-    return corpus, cache_dir(storage, "code_lm") / "model"
+    model_dir = pretrained_lm(corpus.pretraining_rows(cfg.repeats), tokenizer, cfg.lm_spec(2 * cfg.block), cfg,
+                              stage.storage, "code_lm", stage.log)
+    return {"data": {"secret_pool": corpus.secret_pool, "retain": corpus.retain, "heldout": corpus.heldout},
+            "model_dir": str(model_dir)}
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -174,10 +159,7 @@ def evaluate(model, forget: dict, retain: dict, heldout: dict, window: int) -> d
 
 
 def plan(cfg: CodeEraserConfig, methods: list[str]) -> list[tuple]:
-    units: list[tuple] = []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        units += [("original", seed)] + [("unlearn", m, seed) for m in methods]
-    return units
+    return [u for seed in cfg.seed_range() for u in [("original", seed)] + [("unlearn", m, seed) for m in methods]]
 
 
 def forget_index(cfg: CodeEraserConfig, seed: int) -> torch.Tensor:
@@ -190,6 +172,12 @@ class EarlyStopping:
     def __init__(self, tau_ma: float, tau_el10: float, margin: float, patience: int, state: dict | None = None):
         self.tau_ma, self.tau_el10, self.margin, self.patience = tau_ma, tau_el10, margin, patience
         self.state = state or {"el_flag": False, "best_ma": 1.0, "best_el": 1.0, "counter": 0, "best_epoch": 0}
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
 
     def update(self, epoch: int, ma: float, el10: float | None) -> tuple[bool, bool]:
         """(stop, this epoch is the new best)."""
@@ -211,74 +199,69 @@ class EarlyStopping:
 
 
 def unlearn_loop(config: dict) -> None:
-    """Ray Train worker: every unit of the plan; a checkpoint after each unlearning epoch."""
+    """Ray Train worker: τ, then per seed the original model's metrics and each method's unlearning run."""
     cfg = CodeEraserConfig(**config["cfg"])
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    session = train.WorkerSession(cfg.checkpoint_every)
+    session = train.WorkerSession(config)
     data = config["data"]
-    original = load_lm(config["model_dir"]).to(session.device)
-    for p in original.parameters():
-        p.requires_grad_(False)
-    state = session.state or {"done": {}}
-    done, current = state["done"], state.get("current")
-    if "thresholds" not in done:
-        done["thresholds"] = thresholds(original, data["heldout"], cfg.el_window)
-    tau = done["thresholds"]
-    units = plan(cfg, config["methods"])
-    for number, unit in enumerate(units, 1):
-        key = unit_key(unit)
-        if key in done:
-            continue
-        forget = subset(data["secret_pool"], forget_index(cfg, unit[-1]))
-        if unit[0] == "original":
-            done[key] = evaluate(original, forget, data["retain"], data["heldout"], cfg.el_window)
-            continue
-        method = unit[1]
-        torch.manual_seed(unit[-1])
-        model = copy.deepcopy(original).train()
-        for p in model.parameters():
-            p.requires_grad_(True)
+    original = load_lm(config["model_dir"]).to(session.device).requires_grad_(False)
+
+    def forget_set(seed: int) -> dict[str, torch.Tensor]:
+        return subset(data["secret_pool"], forget_index(cfg, seed))
+
+    def evaluated(model, seed: int) -> dict[str, float]:
+        return evaluate(model, forget_set(seed), data["retain"], data["heldout"], cfg.el_window)
+
+    def start(done: dict, seed: int) -> Work:
+        torch.manual_seed(seed)
+        model = copy.deepcopy(original).train().requires_grad_(True)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
-        stopper = EarlyStopping(tau["ma"], tau["el10"], cfg.ma_margin, cfg.el_patience)
-        start, elapsed, best = 0, 0.0, model.state_dict()
-        if current is not None and current["key"] == key:
-            model.load_state_dict(current["model"])
-            optimizer.load_state_dict(current["optimizer"])
-            stopper.state, best = current["stopper"], current["best"]
-            start, elapsed = current["epoch"] + 1, current["elapsed"]
-        ddp = train.prepare(model)
-        shard = lambda rows: {k: v[session.rank :: session.world_size] for k, v in rows.items()}  # noqa: E731
-        for epoch in range(start, cfg.max_epochs):
-            tic = time.perf_counter()
-            unlearning_epoch(ddp, original, method, shard(forget), shard(data["retain"]), optimizer, cfg)
-            secret_ma, el = memorization_scores(model, secret_items(forget), (10,), with_el=stopper.state["el_flag"])
-            stop, improved = stopper.update(epoch + 1, float(np.mean(secret_ma)), float(np.mean(el[10])) if el else None)
-            if improved:
-                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elapsed += time.perf_counter() - tic
-            retain_ma, _ = memorization_scores(model, file_items(data["retain"], cfg.block), with_el=False)
-            current = {"key": key, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "stopper": stopper.state, "best": best, "elapsed": elapsed}
-            metrics = {"unit": number, "units": len(units), "epoch": epoch + 1,
-                       "secret_ma": float(np.mean(secret_ma)), "retain_ma": float(np.mean(retain_ma))}
-            session.report({**metrics, "objective": metrics["retain_ma"] - metrics["secret_ma"]},
-                           {"done": done, "current": current}, force=stop)
-            if stop:
-                break
-        model.load_state_dict(best)
-        done[key] = {**evaluate(model, forget, data["retain"], data["heldout"], cfg.el_window),
-                     "epochs": stopper.state["best_epoch"], "epochs_run": current["epoch"] + 1,
-                     "seconds": current["elapsed"], "seconds_per_sample": current["elapsed"] / cfg.forget_size}
-        current = None
-        if session.rank == 0:
-            print(f"[code_eraser] {number}/{len(units)} {key}: secret MA {done[key]['secret_ma']:.3f}", flush=True)
-    last = done[unit_key(units[-1])]
-    session.report({"unit": len(units), "units": len(units), "epoch": 0, "secret_ma": last["secret_ma"],
-                    "retain_ma": last["retain_ma"], "objective": last["retain_ma"] - last["secret_ma"]},
-                   {"done": done}, force=True)
+        tau = done["thresholds"]
+        return Work(saved=("model", "optimizer", "stopper", "best", "elapsed", "epochs_run", "stopped"),
+                    model=model, optimizer=optimizer, ddp=train.prepare(model), forget=forget_set(seed),
+                    stopper=EarlyStopping(tau["ma"], tau["el10"], cfg.ma_margin, cfg.el_patience),
+                    best=None, elapsed=0.0, epochs_run=0, stopped=False)
+
+    shard = lambda rows: {k: v[session.rank :: session.world_size] for k, v in rows.items()}  # noqa: E731
+
+    def epoch(work: Work, index: int, method: str) -> dict:
+        tic = time.perf_counter()
+        unlearning_epoch(work.ddp, original, method, shard(work.forget), shard(data["retain"]), work.optimizer, cfg)
+        secret_ma, el = memorization_scores(work.model, secret_items(work.forget), (10,),
+                                            with_el=work.stopper.state["el_flag"])
+        work.stopped, improved = work.stopper.update(index + 1, float(np.mean(secret_ma)),
+                                                     float(np.mean(el[10])) if el else None)
+        if improved:
+            work.best = {k: v.detach().clone() for k, v in work.model.state_dict().items()}
+        work.elapsed += time.perf_counter() - tic
+        work.epochs_run = index + 1
+        retain_ma, _ = memorization_scores(work.model, file_items(data["retain"], cfg.block), with_el=False)
+        metrics = {"epoch": index + 1, "secret_ma": float(np.mean(secret_ma)), "retain_ma": float(np.mean(retain_ma))}
+        return {**metrics, "objective": metrics["retain_ma"] - metrics["secret_ma"]}
+
+    def unlearned(work: Work, seed: int) -> dict:
+        if work.best is not None:  # else the last epoch is the best
+            work.model.load_state_dict(work.best)
+        return {**evaluated(work.model, seed), "epochs": work.stopper.state["best_epoch"],
+                "epochs_run": work.epochs_run, "seconds": work.elapsed,
+                "seconds_per_sample": work.elapsed / cfg.forget_size}
+
+    units = [Unit("thresholds", 0, lambda done: Work(), no_steps,
+                  lambda work, done: thresholds(original, data["heldout"], cfg.el_window))]
+    for unit in plan(cfg, config["methods"]):
+        seed = unit[-1]
+        if unit[0] == "original":
+            units.append(Unit(unit_key(unit), 0, lambda done: Work(), no_steps,
+                              lambda work, done, s=seed: evaluated(original, s)))
+        else:
+            units.append(Unit(unit_key(unit), cfg.max_epochs, lambda done, s=seed: start(done, s),
+                              lambda work, i, m=unit[1]: epoch(work, i, m),
+                              lambda work, done, s=seed: unlearned(work, s),
+                              stop=lambda work: work.stopped, step_name="epoch"))
+    run_units(session, units)
 
 
-def unlearning_epoch(model, reference, method: str, forget: dict, retain: dict, optimizer, cfg: CodeEraserConfig) -> None:
+def unlearning_epoch(model, reference, method: str, forget: dict, retain: dict, optimizer,
+                     cfg: CodeEraserConfig) -> None:
     """One step on the forget set, then (cu, code_eraser) one step on the retain set."""
     needs_ref = method in ("cu", "code_eraser")
     steps = [(forget, lambda lg, ref: forget_loss(method, lg, ref, forget, cfg.gamma, cfg.lam))]
@@ -289,40 +272,34 @@ def unlearning_epoch(model, reference, method: str, forget: dict, retain: dict, 
         optimizer.zero_grad(set_to_none=True)
         logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
         with torch.no_grad():
-            ref = reference(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits if needs_ref else None
+            ref = (reference(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+                   if needs_ref else None)
         objective(logits, ref).backward()
         optimizer.step()
 
 
-def execute(cfg: CodeEraserConfig, storage: str, name: str, methods: list[str], log=print,
-            callbacks: list | None = None) -> dict:
-    corpus, model_dir = prepare(cfg, storage, log)
-    data = {"secret_pool": corpus.secret_pool, "retain": corpus.retain, "heldout": corpus.heldout}
-    log(f"{len(plan(cfg, methods))} units (original + unlearning per seed) on Ray Train")
-    result = train.fit(unlearn_loop, {"cfg": cfg.model_dump(), "data": data, "methods": methods, "model_dir": str(model_dir)},
-                            cfg, name=name, storage=storage, callbacks=callbacks)
-    return train.read_state(result.checkpoint)["done"]
+@dataclass(frozen=True)
+class Results:
+    """One row per (method, seed) (the original model's rows labelled "original") and the thresholds τ."""
+
+    table: dict[str, np.ndarray]
+    thresholds: dict[str, float]
 
 
-def results_table(cfg: CodeEraserConfig, done: dict, methods: list[str]) -> dict[str, np.ndarray]:
-    rows = []
-    for unit in plan(cfg, methods):
-        label = "original" if unit[0] == "original" else unit[1]
-        rows.append({"method": label, "seed": unit[-1], **done[unit_key(unit)]})
-    columns = sorted({k for r in rows for k in r} - {"method", "seed"})
-    table = {"method": np.array([r["method"] for r in rows]), "seed": np.array([r["seed"] for r in rows])}
-    table.update({c: np.array([r.get(c, np.nan) for r in rows], dtype=float) for c in columns})
+def execute(cfg: CodeEraserConfig, stage: Stage) -> Results:
+    """The plan on Ray Train with ``method``; a claim check runs all four methods on the same LM and forget sets."""
+    methods = list(METHODS) if stage.claims else [cfg.method]
+    inputs = prepare(cfg, stage)
+    stage.log(f"{len(plan(cfg, methods))} units (original + unlearning per seed) on Ray Train")
+    done = stage.fit(unlearn_loop, {"cfg": cfg.model_dump(), "methods": methods, **inputs}, cfg)["done"]
+    table = columns([{"method": "original" if unit[0] == "original" else unit[1], "seed": unit[-1],
+                      **done[unit_key(unit)]} for unit in plan(cfg, methods)])
     table["forgotten"] = table["secret_ma"] < done["thresholds"]["ma"]
-    return table
+    return Results(table, done["thresholds"])
 
 
-def plot(run_dir: RunDir, table: dict, tau: dict, name: str = "forget_vs_utility.png") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+def plot(table: dict, tau: dict):
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     for ax, utility, label in zip(axes, ("heldout_ppl", "retain_ma"), ("held-out perplexity", "retain-set MA")):
         for method in dict.fromkeys(table["method"]):
             rows = table["method"] == method
@@ -334,34 +311,20 @@ def plot(run_dir: RunDir, table: dict, tau: dict, name: str = "forget_vs_utility
     axes[0].set_yscale("log")
     axes[1].legend(fontsize=8)
     fig.suptitle("CodeEraser: forgetting vs utility per method")
-    run_dir.save_figure(fig, name)
+    return fig
 
 
-def summarize(table: dict) -> dict[str, dict[str, float]]:
-    """Mean over seeds per method of every metric the method has."""
-    out: dict[str, dict[str, float]] = {}
-    for method in dict.fromkeys(table["method"]):
-        rows = table["method"] == method
-        out[method] = {k: float(np.mean(v[rows])) for k, v in table.items()
-                       if k not in ("method", "seed") and not np.isnan(v[rows].astype(float)).all()}
-    return out
+def outputs(cfg: CodeEraserConfig, results: Results) -> Outputs:
+    """The results table, the forgetting-vs-utility plot, τ and the mean over seeds per method."""
+    table = results.table
+    by_method = group_means({**table, "forgotten": table["forgotten"].astype(float)}, "method")
+    return Outputs(tables={"results": table}, figures={"forget_vs_utility.png": plot(table, results.thresholds)},
+                   metrics={"thresholds": results.thresholds, "by_method": by_method})
 
 
-def run(cfg: CodeEraserConfig, run_dir: RunDir) -> dict:
-    done = execute(cfg, run_dir.storage, "unlearn", [cfg.method], run_dir.log)
-    table = results_table(cfg, done, [cfg.method])
-    run_dir.write_table("results.parquet", table)
-    plot(run_dir, table, done["thresholds"])
-    return {"thresholds": done["thresholds"], "by_method": summarize(table), "deviations": DEVIATIONS}
-
-
-def reproduce(cfg: CodeEraserConfig, run_dir: RunDir) -> ClaimReport:
-    """All four methods on the same memorizing LM and forget sets, over ``seeds`` seeds."""
-    done = execute(cfg, run_dir.storage, "reproduce", list(METHODS), run_dir.log)
-    table = results_table(cfg, done, list(METHODS))
-    run_dir.write_table("results.parquet", table)
-    plot(run_dir, table, done["thresholds"])
-    tau = done["thresholds"]
+def claims(cfg: CodeEraserConfig, results: Results, outputs: Outputs) -> list:
+    """Utility kept (retain MA, held-out perplexity, context accuracy) vs GA / CU, and each method vs τ_MA."""
+    table, tau = results.table, results.thresholds
 
     def col(method: str, name: str) -> np.ndarray:
         return table[name][table["method"] == method]
@@ -369,43 +332,34 @@ def reproduce(cfg: CodeEraserConfig, run_dir: RunDir) -> ClaimReport:
     def drop(method: str, name: str) -> np.ndarray:  # change relative to the original model, per seed
         return np.abs(col("original", name) - col(method, name))
 
-    dev = DEVIATIONS + [f"{cfg.seeds} seeds, |D_f| = {cfg.forget_size}, lr {cfg.lr:g}, ≤ {cfg.max_epochs} epochs"]
-    claims = [compare("CodeEraser keeps retain-set memorization closer to the original model than GA",
-                      "|ΔMA| on the retain set vs the original (lower is better)",
-                      drop("code_eraser", "retain_ma"), drop("ga", "retain_ma"), higher_is_better=False, deviations=dev)]
-    claims.append(compare("CodeEraser keeps retain-set memorization closer to the original model than CU",
-                          "|ΔMA| on the retain set vs the original (lower is better)",
-                          drop("code_eraser", "retain_ma"), drop("cu", "retain_ma"), higher_is_better=False,
-                          deviations=dev))
-    for baseline in ("ga", "cu"):
-        claims.append(compare(f"CodeEraser keeps held-out perplexity closer to the original model than "
-                              f"{baseline.upper()}", "|Δ log perplexity| on held-out files (lower is better)",
-                              np.abs(np.log(col("code_eraser", "heldout_ppl") / col("original", "heldout_ppl"))),
-                              np.abs(np.log(col(baseline, "heldout_ppl") / col("original", "heldout_ppl"))),
-                              higher_is_better=False, deviations=dev))
-    claims.append(compare("CodeEraser keeps the non-secret context of the forgotten files better than GA",
-                          "|Δ next-token accuracy| on the non-secret tokens of D_f (lower is better)",
-                          drop("code_eraser", "context_acc"), drop("ga", "context_acc"), higher_is_better=False,
-                          deviations=dev))
-    for method in METHODS:
-        claims.append(compare(f"{method} pushes secret MA below the forgotten threshold τ_MA",
-                              f"secret MA on D_f (baseline: τ_MA = held-out MA of the original = {tau['ma']:.3f})",
-                              col(method, "secret_ma"), [tau["ma"]], higher_is_better=False, deviations=dev))
-    return ClaimReport(headline=claims[0], more=claims[1:])
+    def log_ppl_change(method: str) -> np.ndarray:
+        return np.abs(np.log(col(method, "heldout_ppl") / col("original", "heldout_ppl")))
 
-
-def trial(config: dict, storage: str) -> None:
-    """Ray Tune driver: unlearn one seed with ``method``; reports retain MA − secret MA per epoch."""
-    cfg = CodeEraserConfig(**config).model_copy(update={"seeds": 1})
-    tuned = trial_run()
-    execute(cfg, storage, tuned["name"], [cfg.method], callbacks=tuned["callbacks"])
+    found = [compare(f"CodeEraser keeps retain-set memorization closer to the original model than {b.upper()}",
+                     "|ΔMA| on the retain set vs the original (lower is better)",
+                     drop("code_eraser", "retain_ma"), drop(b, "retain_ma"), higher_is_better=False)
+             for b in ("ga", "cu")]
+    found += [compare(f"CodeEraser keeps held-out perplexity closer to the original model than {b.upper()}",
+                      "|Δ log perplexity| on held-out files (lower is better)",
+                      log_ppl_change("code_eraser"), log_ppl_change(b), higher_is_better=False) for b in ("ga", "cu")]
+    found.append(compare("CodeEraser keeps the non-secret context of the forgotten files better than GA",
+                         "|Δ next-token accuracy| on the non-secret tokens of D_f (lower is better)",
+                         drop("code_eraser", "context_acc"), drop("ga", "context_acc"), higher_is_better=False))
+    found += [compare(f"{method} pushes secret MA below the forgotten threshold τ_MA",
+                      f"secret MA on D_f (baseline: τ_MA = held-out MA of the original = {tau['ma']:.3f})",
+                      col(method, "secret_ma"), [tau["ma"]], higher_is_better=False) for method in METHODS]
+    return found
 
 
 PIPELINE = Pipeline(
     config=CodeEraserConfig,
-    run=run,
-    reproduce=reproduce,
-    trial=trial,
+    execute=execute,
+    outputs=outputs,
+    deviations=DEVIATIONS,
+    claims=claims,
+    budget=lambda cfg: f"{cfg.seeds} seeds, |D_f| = {cfg.forget_size}, lr {cfg.lr:g}, ≤ {cfg.max_epochs} epochs",
+    # one Tune trial: unlearn one seed with ``method``; reports retain MA − secret MA every epoch
+    trial=lambda cfg: cfg.model_copy(update={"seeds": 1}),
     sweep_metric="objective",
     sweep_mode="max",
     profiles={

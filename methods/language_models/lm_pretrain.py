@@ -2,31 +2,30 @@
 
 Each worker minimises the causal-LM loss on its shard of token rows x = (x_1..x_T):
     L(θ) = −(1/|M|) Σ_{t∈M} log p_θ(x_t | x_<t),   M = non-padding positions t ≥ 2,
-with AdamW and gradient clipping; several workers average gradients with DDP. Every epoch
-ends with a checkpoint (model, optimizer, shuffling RNG, losses), so an interrupted fit
-resumes at the next epoch. The trained model and its tokenizer are cached in the run's out
-dir, ``<out>/lm/<name>/``, keyed by a fingerprint of the rows and settings: later stages,
-reruns and Ray Tune trials (which share the run's storage) load it instead of training.
+with AdamW and gradient clipping; several workers average gradients with DDP. The fit is one
+unit of the resumable runner (:mod:`pipelines.units`): an interrupted fit resumes at the epoch
+after its last checkpoint. The tokenizer and the trained model are entries of the run's
+fingerprint-keyed cache (:mod:`pipelines.cache`, ``<out>/cache``), keyed by the texts, rows and
+settings: later stages, reruns and Ray Tune trials (which share the run's storage) load them
+instead of training.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field, model_validator
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from methods.language_models.tiny_lm import Family, build_tiny_lm, train_epoch, with_causal_lm_loss
-from methods.language_models.tokenizer import load_tokenizer, save_tokenizer
+from methods.language_models.tokenizer import save_tokenizer
 from pipelines import train
-from pipelines.config import MethodConfig
-from pipelines.results import atomic_dir, atomic_write
-
-FINGERPRINT_FILE = "fingerprint.json"
+from pipelines.cache import CacheEntry, fingerprint
+from pipelines.config import TrainConfig
+from pipelines.units import Unit, Work, cpu_state, run_units
 
 
 @dataclass(frozen=True)
@@ -46,44 +45,59 @@ class LMSpec:
     seed: int = 0
 
 
-def cache_dir(storage: str, name: str) -> Path:
-    """``<out>/lm/<name>`` for a run whose Ray storage is ``<out>/ray``."""
-    return Path(storage).parent / "lm" / name
+class TinyLMConfig(TrainConfig):
+    """The tiny causal LM a language-model method pretrains (``lm_spec``)."""
+
+    lm_family: Family = "gpt2"
+    lm_layers: int = Field(2, ge=1)
+    lm_dim: int = Field(128, ge=16)
+    lm_heads: int = Field(4, ge=1)
+    pretrain_epochs: int = Field(6, ge=1)
+    pretrain_lr: float = Field(3e-3, gt=0)
+    pretrain_batch: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.lm_dim % self.lm_heads:
+            raise ValueError("lm_dim must be divisible by lm_heads")
+        return self
+
+    def lm_spec(self, max_positions: int) -> LMSpec:
+        return LMSpec(family=self.lm_family, n_layer=self.lm_layers, d_model=self.lm_dim, n_head=self.lm_heads,
+                      max_positions=max_positions, epochs=self.pretrain_epochs, lr=self.pretrain_lr,
+                      batch_size=self.pretrain_batch, seed=self.seed)
 
 
-def cached_tokenizer(storage: str, name: str, build: Callable[[], PreTrainedTokenizerFast]) -> PreTrainedTokenizerFast:
-    """Load ``<out>/lm/<name>/tokenizer`` or build it with ``build()`` and save it there."""
-    path = cache_dir(storage, name) / "tokenizer"
-    if (path / "tokenizer.json").exists():
-        return load_tokenizer(path)
-    tokenizer = build()
-    atomic_dir(path, lambda tmp: save_tokenizer(tokenizer, tmp))
-    return tokenizer
+def cache_root(storage: str) -> Path:
+    """``<out>/cache`` for a run whose Ray storage is ``<out>/ray``."""
+    return Path(storage).parent / "cache"
 
 
-def fingerprint(rows: torch.Tensor, spec: LMSpec, vocab_size: int) -> str:
-    digest = hashlib.sha256(rows.to(torch.int64).numpy().tobytes())
-    digest.update(json.dumps({**asdict(spec), "vocab": vocab_size, "shape": list(rows.shape)}, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
+def cached_tokenizer(storage: str, build: Callable[..., PreTrainedTokenizerFast], texts: list[str], *args) -> Path:
+    """The cache folder of the tokenizer ``build(texts, *args)``, built and saved on first use."""
+    entry = CacheEntry(cache_root(storage), "tokenizer", {"build": build.__name__, "texts": fingerprint(texts),
+                                                          "args": args})
+    if not entry.ready:
+        entry.write(lambda folder: save_tokenizer(build(texts, *args), folder))
+    return entry.path
 
 
-def pretrained_lm(rows: torch.Tensor, tokenizer: PreTrainedTokenizerFast, spec: LMSpec, cfg: MethodConfig,
-                  storage: str, name: str, log: Callable[[str], None] = print) -> PreTrainedModel:
-    """The LM trained on ``rows`` (N, T; padded with the tokenizer's pad id), from cache if present."""
-    target = cache_dir(storage, name) / "model"
-    key = fingerprint(rows, spec, len(tokenizer))
-    stamp = target / FINGERPRINT_FILE
-    if stamp.exists() and json.loads(stamp.read_text())["fingerprint"] == key:
-        log(f"loading cached LM {target}")
-        return load_lm(target)
+def pretrained_lm(rows: torch.Tensor, tokenizer: PreTrainedTokenizerFast, spec: LMSpec, cfg: TrainConfig,
+                  storage: str, name: str, log: Callable[[str], None] = print) -> Path:
+    """The cache folder of the LM trained on ``rows`` (N, T; padded with the tokenizer's pad id),
+    trained on Ray Train unless the cache holds it."""
+    entry = CacheEntry(cache_root(storage), name, {"lm": asdict(spec), "vocab": len(tokenizer),
+                                                   "rows": fingerprint(rows)})
+    if entry.ready:
+        log(f"loading cached LM {entry.path}")
+        return entry.path
     log(f"pretraining LM '{name}' on {tuple(rows.shape)} tokens for {spec.epochs} epochs (Ray Train)")
     loop_config = {"rows": rows, "spec": asdict(spec), "vocab_size": len(tokenizer),
-                   "special": _special_ids(tokenizer), "threads": max(1, int(cfg.cpus_per_worker)),
-                   "checkpoint_every": cfg.checkpoint_every, "target": str(target), "fingerprint": key}
-    train.fit(pretrain_loop, loop_config, cfg, name=f"pretrain-{name}-{key}", storage=storage)
-    losses = json.loads(stamp.read_text())["losses"]
+                   "special": _special_ids(tokenizer), "entry": entry}
+    train.fit(pretrain_loop, loop_config, cfg, name=f"pretrain-{entry.path.name}", storage=storage)
+    losses = entry.meta()["losses"]
     log(f"LM '{name}': loss {losses[0]:.3f} → {losses[-1]:.3f}")
-    return load_lm(target)
+    return entry.path
 
 
 def load_lm(path: str | Path) -> PreTrainedModel:
@@ -95,43 +109,33 @@ def load_lm(path: str | Path) -> PreTrainedModel:
 
 
 def pretrain_loop(config: dict) -> None:
-    """Ray Train worker: epochs over this worker's equal share of the rows, a checkpoint each epoch."""
-    torch.set_num_threads(config["threads"])
-    spec = LMSpec(**config["spec"])
-    session = train.WorkerSession(config["checkpoint_every"])
-    model = _build(spec, config["vocab_size"], config["special"]).to(session.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    """Ray Train worker: one unit of epochs over this worker's equal share of the rows; rank 0 then
+    writes the cache entry from the finished unit (so a rerun refills a deleted entry from the checkpoint)."""
+    spec, entry = LMSpec(**config["spec"]), config["entry"]
+    session = train.WorkerSession(config)
     rows = config["rows"]
     rows = rows[: len(rows) - len(rows) % session.world_size][session.rank :: session.world_size]
     mask = (rows != config["special"]["pad_token_id"]).long()
-    generator = torch.Generator().manual_seed(spec.seed + session.rank)
-    state = session.state or {"epoch": -1, "losses": []}
-    if session.resumed:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-    ddp = train.prepare(model)
-    for epoch in range(state["epoch"] + 1, spec.epochs):
-        loss = train_epoch(ddp, optimizer, rows, spec.batch_size, generator, spec.max_grad_norm, attention_mask=mask)
-        state = {"epoch": epoch, "model": train.unwrap(ddp).state_dict(), "optimizer": optimizer.state_dict(),
-                 "generator": generator.get_state(), "losses": state["losses"] + [loss]}
-        session.report({"epoch": epoch + 1, "loss": state["losses"][-1]}, state, force=epoch == spec.epochs - 1)
-        if session.rank == 0:
-            print(f"[pretrain {Path(config['target']).parent.name}] epoch {epoch + 1}/{spec.epochs}: "
-                  f"loss {state['losses'][-1]:.3f}", flush=True)
+
+    def start(done: dict) -> Work:
+        model = _build(spec, config["vocab_size"], config["special"]).to(session.device)
+        return Work(saved=("model", "optimizer", "generator", "losses"), model=model,
+                    optimizer=torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay),
+                    generator=torch.Generator().manual_seed(spec.seed + session.rank), ddp=train.prepare(model),
+                    losses=[])
+
+    def epoch(work: Work, index: int) -> dict:
+        work.losses.append(train_epoch(work.ddp, work.optimizer, rows, spec.batch_size, work.generator,
+                                       spec.max_grad_norm, attention_mask=mask))
+        return {"loss": work.losses[-1]}
+
+    name = f"pretrain {entry.kind}"
+    done = run_units(session, [Unit(name, spec.epochs, start, epoch, lambda work, done: {
+        "model": cpu_state(work.model), "losses": work.losses}, step_name="epoch")])["done"][name]
     if session.rank == 0:  # the driver loads the model from the cache (Train local mode keeps no checkpoint)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         model = _build(spec, config["vocab_size"], config["special"])
-        model.load_state_dict(state["model"])
-
-        def write(tmp: Path) -> None:
-            model.save_pretrained(tmp)
-            (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": config["fingerprint"],
-                                                            "losses": state["losses"]}))
-
-        atomic_dir(Path(config["target"]), write)
+        model.load_state_dict(done["model"])
+        entry.write(model.save_pretrained, {"losses": done["losses"]})
 
 
 def _build(spec: LMSpec, vocab_size: int, special: dict) -> PreTrainedModel:
@@ -142,12 +146,3 @@ def _build(spec: LMSpec, vocab_size: int, special: dict) -> PreTrainedModel:
 def _special_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
     return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id}
-
-
-def save_stage_result(path: str | Path, result: dict) -> None:
-    """Cache a stage's result under the run's storage (atomic), for reruns to reuse."""
-    atomic_write(Path(path), lambda tmp: torch.save(result, tmp))
-
-
-def load_stage_result(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)

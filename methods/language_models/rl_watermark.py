@@ -21,44 +21,35 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from methods.engines.grpo import group_advantages, minmax_normalize, policy_loss, reward_gradient_loss
 from methods.language_models.corpus import stdlib_docstrings
-from methods.language_models.grpo import group_advantages, minmax_normalize, policy_loss, reward_gradient_loss
 from methods.language_models.learned_split import (LearnedSplitWatermark, SplitEncoder, detection_mask,
                                                    detection_score, green_fraction, policy_logprobs)
-from methods.language_models.lm_pretrain import LMSpec, cache_dir, cached_tokenizer, load_lm, pretrained_lm
+from methods.language_models.lm_pretrain import TinyLMConfig, cached_tokenizer, load_lm, pretrained_lm
 from methods.language_models.text_attacks import hate_spoof, paraphrase, sentiment_spoof
 from methods.language_models.tiny_lm import generate, pad_rows, strip_generated, token_blocks
 from methods.language_models.tokenizer import load_tokenizer, train_bpe_tokenizer
 from methods.language_models.watermarks import KGWWatermark
 from pipelines import train
-from pipelines.claims import ClaimReport, compare
-from pipelines.config import MethodConfig
-from pipelines.registry import Pipeline
-from pipelines.results import RunDir
-from pipelines.sweep import trial_run
-from pipelines.units import unit_key, unit_seed
+from pipelines.claims import compare
+from pipelines.pipeline import Outputs, Pipeline, Stage
+from pipelines.results import columns, group_means, subplots
+from pipelines.units import Unit, Work, no_steps, run_units, unit_key, unit_seed
 
 TEXTS = ("wm", "para", "senti", "latter", "hate", "orig")
 ATTACKS = ("para", "senti", "latter", "hate")
 
 
-class RLWatermarkConfig(MethodConfig):
-    seeds: int = Field(1, ge=1)
-    # corpus and LM
+class RLWatermarkConfig(TinyLMConfig):
+    # corpus and LM (TinyLMConfig)
     vocab_size: int = Field(1024, ge=300)
     block: int = Field(64, ge=16)
-    lm_layers: int = Field(2, ge=1)
-    lm_dim: int = Field(128, ge=16)
-    lm_heads: int = Field(4, ge=1)
     pretrain_epochs: int = Field(4, ge=1)
-    pretrain_lr: float = Field(3e-3, gt=0)
-    pretrain_batch: int = Field(32, ge=1)
     prompt_tokens: int = Field(16, ge=2)
     continuation_tokens: int = Field(40, ge=8)
     n_train_prompts: int = Field(64, ge=1)
@@ -91,8 +82,6 @@ class RLWatermarkConfig(MethodConfig):
     def _check(self):
         if self.batch_prompts % self.minibatches:
             raise ValueError("batch_prompts must be a multiple of minibatches")
-        if self.lm_dim % self.lm_heads:
-            raise ValueError("lm_dim must be divisible by lm_heads")
         return self
 
 
@@ -116,12 +105,14 @@ DEVIATIONS = [
 # --- data and models -----------------------------------------------------------------------------
 
 
-def prepare(cfg: RLWatermarkConfig, storage: str, log=print) -> tuple[Path, dict]:
-    """Tokenizer, LM (cached) and the prompt sets: prompt ids (N, P) and human continuations (N, L)."""
+def prepare(cfg: RLWatermarkConfig, stage: Stage) -> dict:
+    """The GRPO loop's inputs: the LM and tokenizer folders (cached) and the prompt sets: prompt ids (N, P)
+    and human continuations (N, L)."""
     docs = stdlib_docstrings()
     rng = random.Random(cfg.seed)
     rng.shuffle(docs)
-    tokenizer = cached_tokenizer(storage, "docstring_lm", lambda: train_bpe_tokenizer(docs, cfg.vocab_size))
+    tokenizer_dir = cached_tokenizer(stage.storage, train_bpe_tokenizer, docs, cfg.vocab_size)
+    tokenizer = load_tokenizer(tokenizer_dir)
     need = cfg.prompt_tokens + cfg.continuation_tokens
     encoded = [tokenizer(d)["input_ids"] for d in docs]
     long = [i for i, e in enumerate(encoded) if len(e) >= need][: cfg.n_train_prompts + cfg.n_eval]
@@ -129,15 +120,13 @@ def prepare(cfg: RLWatermarkConfig, storage: str, log=print) -> tuple[Path, dict
         raise ValueError(f"only {len(long)} docstrings have {need} tokens")
     held = set(long)
     stream = [t for i, e in enumerate(encoded) if i not in held for t in e + [tokenizer.eos_token_id]]
-    spec = LMSpec(n_layer=cfg.lm_layers, d_model=cfg.lm_dim, n_head=cfg.lm_heads,
-                  max_positions=max(cfg.block, need + 32), epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr,
-                  batch_size=cfg.pretrain_batch, seed=cfg.seed)
-    pretrained_lm(token_blocks(stream, cfg.block), tokenizer, spec, cfg, storage, "docstring_lm", log)
+    lm_dir = pretrained_lm(token_blocks(stream, cfg.block), tokenizer, cfg.lm_spec(max(cfg.block, need + 32)), cfg,
+                           stage.storage, "docstring_lm", stage.log)
     rows = torch.tensor([encoded[i][:need] for i in long])
     split = {"prompt": rows[:, : cfg.prompt_tokens], "human": rows[:, cfg.prompt_tokens :]}
     data = {name: {k: v[sl] for k, v in split.items()}
             for name, sl in (("train", slice(0, cfg.n_train_prompts)), ("eval", slice(cfg.n_train_prompts, None)))}
-    return cache_dir(storage, "docstring_lm"), data
+    return {"data": data, "lm_dir": str(lm_dir), "tokenizer_dir": str(tokenizer_dir)}
 
 
 @dataclass
@@ -154,11 +143,11 @@ class Texts:
     @torch.no_grad()
     def build(cls, lm, prompts: torch.Tensor, continuations: list[list[int]], pad: int, cfg: RLWatermarkConfig):
         ids, _ = pad_rows([p + c for p, c in zip(prompts.tolist(), continuations)], pad)
-        position = torch.arange(ids.shape[1])[None]
-        ends = torch.tensor([prompts.shape[1] + len(c) for c in continuations])[:, None]
-        continuation = (position >= prompts.shape[1]) & (position < ends)
-        lm_logits = lm(input_ids=ids, attention_mask=(position < ends).long()).logits.float()
-        return cls(ids, continuation, lm_logits, detection_mask(lm_logits, continuation, cfg.alpha, cfg.measure_threshold))
+        real = _real(ids, prompts.shape[1], continuations)
+        continuation = (torch.arange(ids.shape[1])[None] >= prompts.shape[1]) & real.bool()
+        lm_logits = lm(input_ids=ids, attention_mask=real).logits.float()
+        return cls(ids, continuation, lm_logits,
+                   detection_mask(lm_logits, continuation, cfg.alpha, cfg.measure_threshold))
 
     def rows(self, index) -> "Texts":
         return Texts(self.ids[index], self.continuation[index], self.lm_logits[index], self.scored[index])
@@ -267,7 +256,7 @@ def grpo_step(lm, policy, optimizer, tokenizer, prompts: torch.Tensor, human: to
 
 
 def plan(cfg: RLWatermarkConfig, reg_weights: list[float]) -> list[tuple]:
-    return [u for seed in range(cfg.seed, cfg.seed + cfg.seeds)
+    return [u for seed in cfg.seed_range()
             for u in [("kgw", seed)] + [("rl", seed, w) for w in reg_weights]]
 
 
@@ -276,51 +265,40 @@ def _seed(*parts) -> int:
 
 
 def grpo_loop(config: dict) -> None:
-    """Ray Train worker: every unit of the plan; a checkpoint after each GRPO iteration."""
+    """Ray Train worker: per seed the KGW baseline, then a GRPO run of the encoder per regulariser weight."""
     cfg = RLWatermarkConfig(**config["cfg"])
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    session = train.WorkerSession(cfg.checkpoint_every)
-    lm = load_lm(Path(config["lm_dir"]) / "model")
-    tokenizer = load_tokenizer(Path(config["lm_dir"]) / "tokenizer")
+    session = train.WorkerSession(config)
+    lm, tokenizer = load_lm(config["lm_dir"]), load_tokenizer(config["tokenizer_dir"])
     data = config["data"]
-    state = session.state or {"done": {}}
-    done, current = state["done"], state.get("current")
-    units = plan(cfg, config["reg_weights"])
-    for number, unit in enumerate(units, 1):
-        key = unit_key(unit)
-        if key in done:
-            continue
-        if unit[0] == "kgw":
-            done[key] = evaluate_kgw(lm, tokenizer, data["eval"], cfg, unit[1])
-            continue
-        seed, reg_weight = unit[1], unit[2]
+
+    def start(seed: int) -> Work:
         torch.manual_seed(_seed("encoder", seed))
         encoder = SplitEncoder(len(tokenizer), cfg.embed_dim, cfg.encoder_hidden)
-        optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)
-        start, history = 0, []
-        if current is not None and current["key"] == key:
-            encoder.load_state_dict(current["encoder"])
-            optimizer.load_state_dict(current["optimizer"])
-            start, history = current["iteration"] + 1, current["history"]
-        ddp = train.prepare(encoder)
-        for it in range(start, cfg.iterations):
-            idx = torch.randperm(len(data["train"]["prompt"]), generator=torch.Generator().manual_seed(_seed(seed, it)))
-            idx = idx[: cfg.batch_prompts][session.rank :: session.world_size]
-            stats = grpo_step(lm, ddp, optimizer, tokenizer, data["train"]["prompt"][idx], data["train"]["human"][idx],
-                              cfg, _seed(seed, it, session.rank), reg_weight)
-            history.append(stats)
-            current = {"key": key, "iteration": it, "encoder": train.unwrap(ddp).state_dict(),
-                       "optimizer": optimizer.state_dict(), "history": history}
-            session.report({"unit": number, "units": len(units), "iteration": it + 1, **stats},
-                           {"done": done, "current": current}, force=it == cfg.iterations - 1)
-        done[key] = {**evaluate_rl(lm, tokenizer, train.unwrap(ddp), data["eval"], cfg, seed),
-                     "history": {k: [h[k] for h in history] for k in history[0]} if history else {}}
-        current = None
-        if session.rank == 0:
-            print(f"[rl_watermark] {number}/{len(units)} {key}: AUC {done[key]['auc_wm']:.3f}", flush=True)
-    history = done[unit_key(units[-1])].get("history") or {"reward": [0.0]}
-    session.report({"unit": len(units), "units": len(units), "iteration": cfg.iterations,
-                    "reward": history["reward"][-1]}, {"done": done}, force=True)
+        return Work(saved=("encoder", "optimizer", "history"), encoder=encoder,
+                    optimizer=torch.optim.Adam(encoder.parameters(), lr=cfg.lr), ddp=train.prepare(encoder), history=[])
+
+    def iteration(work: Work, it: int, seed: int, reg_weight: float) -> dict:
+        idx = torch.randperm(len(data["train"]["prompt"]), generator=torch.Generator().manual_seed(_seed(seed, it)))
+        idx = idx[: cfg.batch_prompts][session.rank :: session.world_size]
+        stats = grpo_step(lm, work.ddp, work.optimizer, tokenizer, data["train"]["prompt"][idx],
+                          data["train"]["human"][idx], cfg, _seed(seed, it, session.rank), reg_weight)
+        work.history.append(stats)
+        return {"iteration": it + 1, **stats}
+
+    def trained(work: Work, seed: int) -> dict:
+        return {**evaluate_rl(lm, tokenizer, work.encoder, data["eval"], cfg, seed), "history": work.history}
+
+    units = []
+    for unit in plan(cfg, config["reg_weights"]):
+        seed = unit[1]
+        if unit[0] == "kgw":
+            units.append(Unit(unit_key(unit), 0, lambda done: Work(), no_steps,
+                              lambda work, done, s=seed: evaluate_kgw(lm, tokenizer, data["eval"], cfg, s)))
+        else:
+            units.append(Unit(unit_key(unit), cfg.iterations, lambda done, s=seed: start(s),
+                              lambda work, it, s=seed, w=unit[2]: iteration(work, it, s, w),
+                              lambda work, done, s=seed: trained(work, s), step_name="iteration"))
+    run_units(session, units)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
@@ -353,7 +331,8 @@ def perplexity(lm, prompts: torch.Tensor, conts: list[list[int]], pad: int) -> f
 
 
 @torch.no_grad()
-def evaluate_rl(lm, tokenizer, encoder: SplitEncoder, data: dict, cfg: RLWatermarkConfig, seed: int) -> dict[str, float]:
+def evaluate_rl(lm, tokenizer, encoder: SplitEncoder, data: dict, cfg: RLWatermarkConfig, seed: int
+                ) -> dict[str, float]:
     encoder.eval()
     wm = watermarked_generation(lm, encoder, data["prompt"], cfg, _seed("eval", seed), tokenizer)
     texts = all_texts(lm, tokenizer, data["prompt"], wm, data["human"], cfg, _seed("attack", seed))
@@ -368,7 +347,7 @@ def evaluate_rl(lm, tokenizer, encoder: SplitEncoder, data: dict, cfg: RLWaterma
 def evaluate_kgw(lm, tokenizer, data: dict, cfg: RLWatermarkConfig, seed: int) -> dict[str, float]:
     """KGW on the same LM and prompts (lefthash seeding, h = ``kgw_context``), z-scores of the continuations."""
     kgw = KGWWatermark(lm.config.vocab_size, cfg.kgw_gamma, cfg.kgw_delta, cfg.kgw_context, key=15485863 + seed,
-                       seeding="lefthash")
+                       seeding="lefthash", bos_token_id=tokenizer.bos_token_id)
     prompts, pad, eos = data["prompt"], tokenizer.pad_token_id, tokenizer.eos_token_id
     sample = lambda processors, name: continuations(generate(  # noqa: E731
         lm, prompts, cfg.continuation_tokens, do_sample=True, top_p=cfg.top_p, logits_processors=processors,
@@ -386,45 +365,31 @@ def evaluate_kgw(lm, tokenizer, data: dict, cfg: RLWatermarkConfig, seed: int) -
 # --- driver --------------------------------------------------------------------------------------
 
 
-def execute(cfg: RLWatermarkConfig, storage: str, name: str, reg_weights: list[float], log=print,
-            callbacks: list | None = None) -> dict:
-    lm_dir, data = prepare(cfg, storage, log)
-    log(f"{len(plan(cfg, reg_weights))} units (KGW baseline + GRPO runs per seed) on Ray Train")
-    result = train.fit(grpo_loop, {"cfg": cfg.model_dump(), "data": data, "lm_dir": str(lm_dir), "reg_weights": reg_weights},
-                         cfg, name=name, storage=storage, callbacks=callbacks)
-    return train.read_state(result.checkpoint)["done"]
+@dataclass(frozen=True)
+class Results:
+    """One row per (arm, seed) (arms ``kgw`` and ``rl_reg<λ>``) and one per GRPO iteration of each RL arm."""
+
+    table: dict[str, np.ndarray]
+    history: dict[str, np.ndarray]
 
 
-def results_table(cfg: RLWatermarkConfig, done: dict, reg_weights: list[float]) -> dict[str, np.ndarray]:
-    rows = []
-    for unit in plan(cfg, reg_weights):
-        arm = "kgw" if unit[0] == "kgw" else f"rl_reg{unit[2]:g}"
-        rows.append({"arm": arm, "seed": unit[1], **{k: v for k, v in done[unit_key(unit)].items() if k != "history"}})
-    columns = sorted({k for r in rows for k in r} - {"arm", "seed"})
-    return {"arm": np.array([r["arm"] for r in rows]), "seed": np.array([r["seed"] for r in rows]),
-            **{c: np.array([r.get(c, np.nan) for r in rows], dtype=float) for c in columns}}
+def execute(cfg: RLWatermarkConfig, stage: Stage) -> Results:
+    """KGW and GRPO with ``reg_weight`` on Ray Train; a claim check runs GRPO with and without the regulariser."""
+    reg_weights = [cfg.reg_weight or 1.0, 0.0] if stage.claims else [cfg.reg_weight]
+    inputs = prepare(cfg, stage)
+    stage.log(f"{len(plan(cfg, reg_weights))} units (KGW baseline + GRPO runs per seed) on Ray Train")
+    done = stage.fit(grpo_loop, {"cfg": cfg.model_dump(), "reg_weights": reg_weights, **inputs}, cfg)["done"]
+    arm = lambda unit: "kgw" if unit[0] == "kgw" else f"rl_reg{unit[2]:g}"  # noqa: E731
+    units = plan(cfg, reg_weights)
+    table = columns([{"arm": arm(unit), "seed": unit[1], **{k: v for k, v in done[unit_key(unit)].items()
+                                                            if k != "history"}} for unit in units])
+    history = columns([{"arm": arm(unit), "seed": unit[1], "iteration": it + 1, **stats} for unit in units
+                       for it, stats in enumerate(done[unit_key(unit)].get("history", []))])
+    return Results(table, history)
 
 
-def history_table(cfg: RLWatermarkConfig, done: dict, reg_weights: list[float]) -> dict[str, np.ndarray]:
-    cols: dict[str, list] = {}
-    for unit in plan(cfg, reg_weights):
-        history = done[unit_key(unit)].get("history") or {}
-        for it in range(len(next(iter(history.values()), []))):
-            cols.setdefault("arm", []).append(f"rl_reg{unit[2]:g}")
-            cols.setdefault("seed", []).append(unit[1])
-            cols.setdefault("iteration", []).append(it + 1)
-            for k, v in history.items():
-                cols.setdefault(k, []).append(v[it])
-    return {k: np.asarray(v) for k, v in cols.items()}
-
-
-def plot(run_dir: RunDir, table: dict, history: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), layout="constrained")
+def plot(table: dict, history: dict):
+    fig, axes = subplots(1, 3, figsize=(15, 4), layout="constrained")
     kinds = ["wm", "para", "senti", "latter", "hate"]
     arms = list(dict.fromkeys(table["arm"]))
     for j, arm in enumerate(arms):
@@ -434,86 +399,59 @@ def plot(run_dir: RunDir, table: dict, history: dict) -> None:
     axes[0].set_xticks(np.arange(len(kinds)) + 0.3, kinds)
     axes[0].set_ylabel("AUC vs human text (spoofs: lower = more secure)")
     axes[0].legend(fontsize=8)
-    if history:
-        for arm in dict.fromkeys(history["arm"]):
-            rows = history["arm"] == arm
-            for ax, key in ((axes[1], "reward"), (axes[2], "green_fraction")):
-                ax.plot(history["iteration"][rows], history[key][rows], ".", alpha=0.6, label=arm)
-        axes[1].set_ylabel("GRPO reward (d1 + d2 − λ·reg)")
-        axes[2].set_ylabel("green fraction ĝ of the watermarked texts")
-        axes[2].axhline(0.5, color="k", ls="--", lw=1)
-        for ax in axes[1:]:
-            ax.set_xlabel("GRPO iteration")
-            ax.legend(fontsize=8)
+    for arm in dict.fromkeys(history["arm"]):
+        rows = history["arm"] == arm
+        for ax, key in ((axes[1], "reward"), (axes[2], "green_fraction")):
+            ax.plot(history["iteration"][rows], history[key][rows], ".", alpha=0.6, label=arm)
+    axes[1].set_ylabel("GRPO reward (d1 + d2 − λ·reg)")
+    axes[2].set_ylabel("green fraction ĝ of the watermarked texts")
+    axes[2].axhline(0.5, color="k", ls="--", lw=1)
+    for ax in axes[1:]:
+        ax.set_xlabel("GRPO iteration")
+        ax.legend(fontsize=8)
     fig.suptitle("RL watermark vs KGW: detection, robustness, spoofing; training curves")
-    run_dir.save_figure(fig, "rl_watermark.png")
+    return fig
 
 
-def summarize(table: dict) -> dict[str, dict[str, float]]:
-    """Mean over seeds per arm of every metric the arm has."""
-    out: dict[str, dict[str, float]] = {}
-    for arm in dict.fromkeys(table["arm"]):
-        rows = table["arm"] == arm
-        out[arm] = {k: float(v[rows].mean()) for k, v in table.items()
-                    if k not in ("arm", "seed") and not np.isnan(v[rows]).all()}
-    return out
+def outputs(cfg: RLWatermarkConfig, results: Results) -> Outputs:
+    """The per-arm results and the GRPO curves, their plot, and the mean over seeds per arm."""
+    return Outputs(tables={"results": results.table, "history": results.history},
+                   figures={"rl_watermark.png": plot(results.table, results.history)},
+                   metrics={"by_arm": group_means(results.table, "arm")})
 
 
-def _write(run_dir: RunDir, cfg: RLWatermarkConfig, done: dict, reg_weights: list[float]) -> dict:
-    table, history = results_table(cfg, done, reg_weights), history_table(cfg, done, reg_weights)
-    run_dir.write_table("results.parquet", table)
-    if history:
-        run_dir.write_table("history.parquet", history)
-    plot(run_dir, table, history)
-    return table
-
-
-def run(cfg: RLWatermarkConfig, run_dir: RunDir) -> dict:
-    done = execute(cfg, run_dir.storage, "grpo", [cfg.reg_weight], run_dir.log)
-    return {"by_arm": summarize(_write(run_dir, cfg, done, [cfg.reg_weight])), "deviations": DEVIATIONS}
-
-
-def reproduce(cfg: RLWatermarkConfig, run_dir: RunDir) -> ClaimReport:
+def claims(cfg: RLWatermarkConfig, results: Results, outputs: Outputs) -> list:
     """RL split (with and without the regulariser) vs KGW on the same LM and prompts, over seeds."""
-    reg = cfg.reg_weight or 1.0
-    arms = [reg, 0.0]
-    table = _write(run_dir, cfg, execute(cfg, run_dir.storage, "reproduce", arms, run_dir.log), arms)
+    table, reg = results.table, cfg.reg_weight or 1.0
 
     def col(arm: str, name: str) -> np.ndarray:
         return table[name][table["arm"] == arm]
 
     rl, bare = f"rl_reg{reg:g}", "rl_reg0"
-    dev = DEVIATIONS + [f"{cfg.seeds} seeds, {cfg.iterations} GRPO iterations × {cfg.batch_prompts} prompts × "
-                        f"G = {cfg.group}, {cfg.n_eval} evaluation prompts"]
-    claims = [
+    return [
         compare("the learned split resists spoofing better than KGW", "AUC human vs spoofed watermarked text "
                 "(mean of sentiment, latter-half sentiment and hate edits; lower = more secure)",
-                col(rl, "auc_spoof"), col("kgw", "auc_spoof"), higher_is_better=False, deviations=dev),
+                col(rl, "auc_spoof"), col("kgw", "auc_spoof"), higher_is_better=False),
         compare("the learned split is about as detectable as KGW", "AUC human vs watermarked text "
-                "(rule: RL > KGW − 0.1)", col(rl, "auc_wm"), col("kgw", "auc_wm"), margin=-0.1, deviations=dev),
+                "(rule: RL > KGW − 0.1)", col(rl, "auc_wm"), col("kgw", "auc_wm"), margin=-0.1),
         compare("the learned split is about as robust to paraphrase as KGW", "AUC human vs paraphrased watermarked "
-                "text (rule: RL > KGW − 0.1)", col(rl, "auc_para"), col("kgw", "auc_para"), margin=-0.1,
-                deviations=dev),
+                "text (rule: RL > KGW − 0.1)", col(rl, "auc_para"), col("kgw", "auc_para"), margin=-0.1),
         compare("without the regulariser the green fraction drifts from ½ (reward hacking)",
                 "|ĝ − ½| of the watermarked texts: no regulariser (method) vs λ = %g (baseline)" % reg,
-                np.abs(col(bare, "green_fraction_wm") - 0.5), np.abs(col(rl, "green_fraction_wm") - 0.5),
-                deviations=dev),
+                np.abs(col(bare, "green_fraction_wm") - 0.5), np.abs(col(rl, "green_fraction_wm") - 0.5)),
     ]
-    return ClaimReport(headline=claims[0], more=claims[1:])
-
-
-def trial(config: dict, storage: str) -> None:
-    """Ray Tune driver: one GRPO run; reports the reward every iteration."""
-    cfg = RLWatermarkConfig(**config).model_copy(update={"seeds": 1})
-    tuned = trial_run()
-    execute(cfg, storage, tuned["name"], [cfg.reg_weight], callbacks=tuned["callbacks"])
 
 
 PIPELINE = Pipeline(
     config=RLWatermarkConfig,
-    run=run,
-    reproduce=reproduce,
-    trial=trial,
+    execute=execute,
+    outputs=outputs,
+    deviations=DEVIATIONS,
+    claims=claims,
+    budget=lambda cfg: (f"{cfg.seeds} seeds, {cfg.iterations} GRPO iterations × {cfg.batch_prompts} prompts × "
+                        f"G = {cfg.group}, {cfg.n_eval} evaluation prompts"),
+    # one Tune trial: one GRPO run; reports the reward every iteration
+    trial=lambda cfg: cfg.model_copy(update={"seeds": 1}),
     sweep_metric="reward",
     sweep_mode="max",
     profiles={

@@ -98,7 +98,8 @@ class KGWWatermark(_ContextKeyedWatermark):
     """KGW green-list watermark: adds δ to the logits of the green list G(context).
 
     Use as a logits processor in sampled generation: transformers applies it before temperature
-    and top-p, the order of the reference `MarylandGenerator`.
+    and top-p, the order of the reference `MarylandGenerator`. Given `bos_token_id`, detection
+    ignores a leading BOS token, as transformers' `WatermarkDetector` does.
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class KGWWatermark(_ContextKeyedWatermark):
         context_width: int = 4,
         key: int = 0,
         seeding: Seeding = "three_bricks",
+        bos_token_id: int | None = None,
     ):
         super().__init__(vocab_size, key, context_width, seeding)
         if not 0.0 < gamma < 1.0:
@@ -116,6 +118,7 @@ class KGWWatermark(_ContextKeyedWatermark):
         self.gamma = gamma
         self.delta = delta
         self.greenlist_size = int(gamma * vocab_size)
+        self.bos_token_id = bos_token_id
 
     def greenlist(self, context: Sequence[int]) -> torch.LongTensor:
         """G(context) = randperm(|V|)[:⌊γ|V|⌋] under the context-seeded generator."""
@@ -137,7 +140,11 @@ class KGWWatermark(_ContextKeyedWatermark):
 
         `ignore_repeated_ngrams` counts each distinct (context, token) pair once, as transformers'
         `WatermarkDetector(ignore_repeated_ngrams=True)` and three_bricks `scoring_method='v2'`.
+        A leading `bos_token_id` is dropped: scoring starts at t ≥ w + 1, so no context holds it
+        (`first_scored` still counts positions in `token_ids`, BOS included).
         """
+        if self.bos_token_id is not None and len(token_ids) and int(token_ids[0]) == self.bos_token_id:
+            first_scored = max(first_scored or 0, self.context_width + 1)
         pairs = self._scored_positions(token_ids, first_scored, ignore_repeated_ngrams)
         num_green = 0
         for start in range(0, len(pairs), DETECTION_CHUNK):  # bounded memory: DETECTION_CHUNK × ⌊γ|V|⌋ indices

@@ -1,5 +1,8 @@
 """GRPO pieces (group-relative policy optimisation), as in the RL-watermark development code.
 
+Shared by the LM trainer (``methods.language_models.rl_watermark``) and the flow trainers
+(planned Flow-GRPO, where a rollout's "tokens" are its denoising steps).
+
 For a group of G rollouts of one input with rewards r_1..r_G:
     A_i = (r_i − mean_G r) / (std_G r + ε)                 (unbiased std, as ``torch.std``)
 Per-token clipped surrogate over the rollout tokens t of every rollout i (M = token mask):
