@@ -43,8 +43,8 @@ def main() -> None:
         times: dict[str, list[float]] = {"fedavg": [], "fedagain": []}
         for repeat in range(args.repeats):
             for strategy in times:
-                settings = FedSettings(strategy=strategy, num_clients=clients, num_rounds=args.rounds,
-                                       fraction_train=1.0, fraction_evaluate=0.0, corrupted_fraction=0.3,
+                settings = FedSettings(strategy=strategy, clients=clients, rounds=args.rounds,
+                                       fraction_fit=1.0, fraction_evaluate=0.0, corrupted_ratio=0.3,
                                        local_epochs=args.local_epochs, seed=repeat, round_timeout=600)
                 times[strategy] += seconds_per_round(settings)
         avg, again = (float(np.median(times[s])) for s in ("fedavg", "fedagain"))
