@@ -5,6 +5,7 @@ out-of-range values raise :class:`UserError` with a one-line message.
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: invalid YAML{where} ({getattr(exc, 'problem', None) or exc})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -86,12 +89,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming each bad field, e.g. ``keep_fractions.0: Input should be less than 1 (got 1.5)``."""
+def suggestion(name: str, known) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` to ``name``, or nothing."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def describe_validation_error(exc: ValidationError, fields=()) -> str:
+    """One line naming each bad field, e.g. ``keep_fractions.0: Input should be less than 1 (got 1.5)``;
+    an unknown key gets the closest of ``fields`` as a suggestion."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = ("unknown key" + suggestion(str(err["loc"][-1]), fields) if err["type"] == "extra_forbidden"
+               else err["msg"])
         # a cross-field check's input is the whole config: its message says what is wrong
         got = "" if err["type"] == "extra_forbidden" or not err["loc"] else f" (got {err.get('input')!r})"
         parts.append(f"{loc}: {msg}{got}")
@@ -102,7 +113,7 @@ def build_config(model: type[MethodConfig], raw: dict[str, Any], what: str = "co
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"invalid {what}: {describe_validation_error(exc)}") from None
+        raise UserError(f"invalid {what}: {describe_validation_error(exc, model.model_fields)}") from None
 
 
 def load_config(model: type[MethodConfig], path: str | Path | None = None,

@@ -1,7 +1,9 @@
 """Connecting to Ray: an embedded local instance by default, or a running cluster."""
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from pathlib import Path
 
 from pipelines.errors import UserError
@@ -12,6 +14,8 @@ RAY_ENV = {
     # a checkpoint every epoch needs a faster poll, as Ray's own Train tests use.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    # the future default (no override of CUDA_VISIBLE_DEVICES for num_gpus=0), without its FutureWarning
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     # Ray Data's per-dataset INFO lines go to its log file only
@@ -39,10 +43,15 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     if address:
         ray.init(address=address)
     else:
+        # Train's placement-group cleaner asks the State API for its controller; without an address it
+        # looks for "the" local instance and fails when another gradworks run has one too
+        port = _free_port()
         # logical CPUs are scheduling tokens: at least 4, so a Tune driver, Train workers and
         # Ray Data tasks can be placed together on a small machine
         local = dict(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 4),
-                     dashboard_host="127.0.0.1", object_store_memory=512 * 1024**2)
+                     dashboard_host="127.0.0.1", dashboard_port=port, object_store_memory=512 * 1024**2,
+                     logging_level=logging.WARNING,  # Ray's start-up lines stay off the console
+                     runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
         try:
             ray.init(include_dashboard=True, **local)
         except Exception:  # the dashboard can fail to start on a loaded machine: run without it
@@ -51,3 +60,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

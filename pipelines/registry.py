@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 import methods
+from pipelines.config import suggestion
 from pipelines.errors import UserError
 
 if TYPE_CHECKING:
@@ -69,5 +70,5 @@ def taxonomy_source() -> str:
 def get(method_id: str) -> Entry:
     entries = catalogue()
     if method_id not in entries:
-        raise UserError(f"unknown method {method_id!r} (see `gradworks list`)")
+        raise UserError(f"unknown method {method_id!r}{suggestion(method_id, entries)} (see `gradworks list`)")
     return entries[method_id]

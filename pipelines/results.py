@@ -18,13 +18,21 @@ import yaml
 from pipelines.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temp file beside ``path``, then rename it into place."""
+    """Run ``write(tmp)`` on a temp file beside ``path``, then rename it into place (with the mode the
+    user's umask gives a new file, not the temp file's private 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -38,6 +46,7 @@ def atomic_dir(path: Path, write: Callable[[Path], object]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -116,6 +125,14 @@ class RunDir:
             raise UserError(f"{self.path} is not empty and holds no gradworks run; choose a new --out")
         self.write_yaml("config.yaml", resolved)
         return False
+
+    def move_aside(self) -> Path | None:
+        """Rename a folder that holds a run to ``<name>.previous-<stamp>``; where it went, or None."""
+        if not (self.path / "config.yaml").exists():
+            return None
+        target = self.path.with_name(f"{self.path.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(self.path, target)
+        return target
 
     def write_yaml(self, name: str, data: dict[str, Any]) -> Path:
         path = self.path / name

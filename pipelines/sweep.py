@@ -84,8 +84,10 @@ def _scheduler(spec: dict[str, Any], source: str):
         raise UserError(f"{source}: scheduler: {exc}") from None
 
 
-def run_sweep(pipeline, cfg: MethodConfig, run_dir, *, space_path: Path, samples: int) -> dict[str, Any]:
-    """Tune the pipeline's trial over the space; write ``sweep.parquet`` and ``best.json``."""
+def run_sweep(pipeline, cfg: MethodConfig, run_dir, *, space_path: Path, samples: int,
+              verbose: bool = False) -> dict[str, Any]:
+    """Tune the pipeline's trial over the space; write ``sweep.parquet`` and ``best.json``. Tune's trial
+    tables are shown only when ``verbose`` (the trials' progress lines always are)."""
     from ray import tune
 
     if pipeline.trial is None:
@@ -108,7 +110,7 @@ def run_sweep(pipeline, cfg: MethodConfig, run_dir, *, space_path: Path, samples
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples,
                                     max_concurrent_trials=pipeline.max_concurrent_trials,
                                     scheduler=_scheduler(spec.get("scheduler"), source)),
-        run_config=tune.RunConfig(name="sweep", storage_path=run_dir.storage, verbose=1),
+        run_config=tune.RunConfig(name="sweep", storage_path=run_dir.storage, verbose=1 if verbose else 0),
     )
     grid = tuner.fit()
     frame = grid.get_dataframe()

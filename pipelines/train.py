@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from typing import Any, Callable
 
 import torch
@@ -44,7 +45,30 @@ def fit(loop: Callable[[dict], None], loop_config: dict[str, Any], cfg: TrainCon
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()
+    return _interruptible(trainer.fit)
+
+
+def _interruptible(call: Callable[[], Any]) -> Any:
+    """``call()``, on a helper thread when this is the main thread, so that Ctrl-C reaches the caller as
+    ``KeyboardInterrupt`` (Train registers a SIGINT handler of its own on the main thread, which ends the
+    process with Ray's exit code). The run's workers stop with the driver; a re-run resumes them."""
+    if threading.current_thread() is not threading.main_thread():
+        return call()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def read_state(checkpoint) -> dict | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import product
 
 import pyarrow.parquet as pq
 import pytest
@@ -10,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.adversarial.adv_distillation import AdvDistillationConfig, Tempered, soft_targets
+from methods.adversarial.adv_distillation import AdvDistillationConfig, Tempered, claims, soft_targets
 from methods.adversarial.robust_training import TrainingConfig, perturbation
 from pipelines.cli import main
 from pipelines.config import build_config
 from pipelines.errors import UserError
+from pipelines.pipeline import Outputs
+from pipelines.results import columns
 
 torch.set_num_threads(1)
 
@@ -85,3 +88,18 @@ def test_run_end_to_end_through_the_cli(ray_session, tmp_path):
     assert len(table["arm"]) == 3 * (2 + 6)  # arms × (FGSM ε + CW budgets incl. unbounded)
     assert (out / "success_vs_eps.png").stat().st_size > 0
     assert (out / "adversarial_examples.png").stat().st_size > 0
+
+
+def test_claims_pair_models_by_seed_and_arch_with_the_attacked_examples_as_trials():
+    cfg = AdvDistillationConfig(seeds=2, fgsm_eps=[0.1, 0.3], cw_l2_budgets=[0.5], attack_examples=100)
+    success = {"undefended": 0.9, "distilled": 0.1, "distilled_logits_over_T": 0.8}
+    rows = [{"seed": seed, "arch": arch, "arm": arm, "attack": attack, "budget": budget, "success": success[arm],
+             "acc_under_attack": 0.9 * (1 - success[arm]), "mean_l2": 1.0, "clean_acc": 0.9 + 0.01 * seed}
+            for seed, arch, arm in product((0, 1), ("mlp", "cnn"), success)
+            for attack, budgets in (("fgsm", cfg.fgsm_eps), ("cw", [0.5, float("inf")])) for budget in budgets]
+    found = claims(cfg, {}, Outputs(tables={"results": columns(rows)}))
+    assert len(found) == 6 and found[0].pairs == [[0, "cnn"], [0, "mlp"], [1, "cnn"], [1, "mlp"]]
+    assert found[0].verdict == "reproduced" and found[0].difference == pytest.approx(0.8)
+    assert "binomial over 90 test items" in found[0].test  # the correctly classified attacked examples
+    assert "binomial over 100 test items" in found[-1].test and found[-1].margin == -0.02
+    assert all(c.verdict in ("reproduced", "inconclusive", "contradicted") and c.rule for c in found)

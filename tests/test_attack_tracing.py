@@ -13,6 +13,7 @@ from methods.adversarial.attack_tracing import (
     AttackTracingConfig,
     Copy,
     build_tracer,
+    claims,
     lowest_attack_loss,
     make_key,
     noise_sensitive_loss,
@@ -20,6 +21,8 @@ from methods.adversarial.attack_tracing import (
     tracer_norms,
 )
 from pipelines.cli import main
+from pipelines.pipeline import Outputs
+from pipelines.results import columns
 
 torch.set_num_threads(1)
 SHAPE = (1, 4, 4)
@@ -112,3 +115,15 @@ def test_run_end_to_end_through_the_cli(ray_session, tmp_path):
     scores = pq.read_table(out / "scores.parquet").to_pydict()
     assert len(scores["source"]) == 2 * 3 * 3  # attacks × sources × candidates
     assert (out / "tracing.png").stat().st_size > 0
+
+
+def test_claims_compare_per_seed_against_chance_and_the_baseline_with_the_traced_examples_as_trials():
+    cfg = AttackTracingConfig(seeds=3, copies=4, attack_examples=100)
+    rows = [{"seed": seed, "attack": a, "success": 0.9, "tracing_acc": 0.9 + 0.01 * seed, "baseline_acc": 0.5,
+             "traced": 300 + seed, "base_acc": 0.95, "min_copy_acc": 0.95 - 0.001 * seed}
+            for seed in (0, 1, 2) for a in ("fgsm", "pgd")]
+    found = claims(cfg, {}, Outputs(tables={"results": columns(rows)}))
+    assert [c.pairs for c in found] == [[0, 1, 2]] * 5 and found[0].baseline == pytest.approx(0.25)
+    assert found[0].verdict == "reproduced" and "one-sample" in found[0].test
+    assert "binomial over 300 test items" in found[0].test and "binomial over 100 test items" in found[2].test
+    assert found[2].margin == -0.01 and found[3].margin == 0.01 and found[3].verdict == "reproduced"

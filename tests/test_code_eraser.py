@@ -192,6 +192,7 @@ def test_cli_run_then_rerun_resumes_from_the_train_checkpoints(ray_session, tmp_
     stamp = json.loads((cached / "meta.json").read_text())
     checkpoints = sorted(p.name for p in (out / "ray").glob("pretrain-*/checkpoint_*") if p.is_dir())
     shutil.rmtree(cached)  # the rerun must rebuild the cache from the pretraining checkpoint
+    (out / "metrics.json").unlink()  # as if stopped before its end: a finished run is not re-entered
     assert main(["run", "code_eraser", "--set", *TINY, "method=code_eraser", "--out", str(out)]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["resumed"] and again["by_method"] == metrics["by_method"]
@@ -208,3 +209,27 @@ def test_cli_reproduce_quick_runs_all_methods(ray_session, tmp_path):
                  "--out", str(out)]) == 0
     claims = json.loads((out / "claim.json").read_text())
     assert len(claims["more"]) == 8 and all("reproduced" in c for c in [claims, *claims["more"]])
+    assert all(c["verdict"] in ("reproduced", "inconclusive", "contradicted") for c in [claims, *claims["more"]])
+
+
+def test_claims_pair_each_method_with_the_original_by_seed():
+    import numpy as np
+
+    from methods.language_models.code_eraser import CodeEraserConfig, Results, claims, plan
+
+    cfg = CodeEraserConfig(seeds=3)
+    runs = plan(cfg, ["ga", "cu", "ssga", "code_eraser"])
+    assert [r.key for r in runs[:2]] == ["original/0", "unlearn/ga/0"] and len(runs) == 15
+    harm = {None: 0.0, "ga": 0.3, "cu": 0.1, "ssga": 0.2, "code_eraser": 0.0}
+    rows = [{"method": r.method or "original", "seed": r.seed, "retain_ma": 0.9 - harm[r.method] - 0.01 * r.seed,
+             "heldout_ppl": 5.0 * np.exp(harm[r.method]), "context_acc": 0.8 - harm[r.method],
+             "secret_ma": 0.9 if r.method is None else 0.01 * r.seed} for r in runs]
+    table = {k: np.array([row[k] for row in rows]) for k in rows[0]}
+    found = claims(cfg, Results(table, {"ma": 0.15}), None)
+    assert len(found) == 9 and [c.margin for c in found[:5]] == [0.01, 0.01, 0.05, 0.05, 0.01]
+    assert found[0].baseline_per_seed == pytest.approx([0.3] * 3) and found[0].method_per_seed == pytest.approx([0] * 3)
+    assert found[2].baseline_per_seed == pytest.approx([0.3] * 3)  # |Δ log perplexity|
+    assert all(c.verdict == "reproduced" for c in found[:5])
+    tau = found[-1]
+    assert tau.baseline == 0.15 and "one-sample" in tau.test and f"over {cfg.forget_size} test items" in tau.test
+    assert tau.method_per_seed == pytest.approx([0.0, 0.01, 0.02]) and tau.verdict == "reproduced"

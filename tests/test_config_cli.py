@@ -36,6 +36,8 @@ def test_precedence_defaults_profile_file_sets(tmp_path):
     (["run", "data_diet", "--set", "keep_fractions=[1.5]"], "keep fraction 1.5"),
     (["run", "data_diet", "--set", "arms=[best]"], "arms.0"),
     (["sweep", "data_diet", "--samples", "0"], "--samples"),
+    (["run", "data_dit"], "unknown method 'data_dit' (did you mean 'data_diet'?)"),
+    (["run", "data_diet", "--set", "lrr=0.1"], "lrr: unknown key (did you mean 'lr'?)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
@@ -49,7 +51,7 @@ def test_bad_config_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: [unclosed")
     assert main(["run", "data_diet", "--config", str(bad)]) == 2
-    assert "invalid YAML" in capsys.readouterr().err
+    assert "invalid YAML at line 1, column 14 (expected" in capsys.readouterr().err
     assert main(["run", "data_diet", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
@@ -108,3 +110,32 @@ def test_space_naming_an_unknown_setting_is_refused(tmp_path):
         parse_space({"params": {"nope": {"choice": [1]}}}, model, "space.yaml")
     with pytest.raises(UserError, match="takes 2 numbers"):
         parse_space({"params": {"lr": {"uniform": [1]}}}, model, "space.yaml")
+
+
+def test_list_by_taxonomy_labels_the_family(capsys):
+    assert main(["list", "--by", "taxonomy"]) == 0
+    out = capsys.readouterr().out
+    assert "family: adversarial and verification | training / evaluation" in out
+    assert "taxonomy:" not in out.split("\n", 1)[1]
+
+
+def test_show_prints_settings_profiles_space_and_claims(capsys):
+    assert main(["show", "data_diet"]) == 0
+    out = capsys.readouterr().out
+    assert "lr (float) = 0.05  [> 0]" in out and "keep_fractions (list[float]) = [0.7, 0.5, 0.3]" in out
+    assert "profile quick" in out and "sweep space" in out and "claims" in out and "deviations" in out
+    assert main(["show", "gcond"]) == 2
+
+
+def test_help_points_to_show_and_has_no_markup(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert "gradworks show ID" in out and "``" not in out and "`" not in out
+
+
+def test_a_submitted_job_needs_an_absolute_out(monkeypatch, capsys):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert main(["run", "data_diet", "--out", "runs/dd"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--out must be an absolute path" in err

@@ -50,3 +50,28 @@ def test_cross_entropy_gradient_sign_convention():
         model.weight.copy_(torch.tensor([[100.0], [-100.0]]))
     assert grand_scores(model, torch.tensor([[1.0]]), torch.tensor([0]))[0] < 1e-6
     assert F.cross_entropy(model(torch.tensor([[1.0]])), torch.tensor([0])) < 1e-6
+
+
+def test_claims_pair_the_arms_by_seed_with_margins_and_test_items():
+    import numpy as np
+    import pytest
+
+    from methods.data_centric import data_diet
+    from pipelines.pipeline import Outputs
+    from pipelines.results import columns
+
+    cfg = data_diet.DataDietConfig(seeds=3, keep_fractions=[0.7, 0.5], arms=["el2n", "grand", "random"])
+    pruning = columns([{"seed": seed, "arm": arm, "fraction_pruned": 1 - fraction, "test_items": 600,
+                        "test_acc": {"el2n": 0.9, "grand": 0.8, "random": 0.85}[arm] + 0.01 * seed}
+                       for seed in range(3) for fraction in (0.7, 0.5) for arm in cfg.arms])
+    rng = np.random.default_rng(0)
+    flipped = np.tile(np.arange(100) < 10, 3)
+    scores = {"seed": np.repeat(np.arange(3), 100), "flipped": flipped,
+              "el2n": flipped + rng.uniform(0, 0.5, 300)}
+    found = data_diet.claims(cfg, data_diet.Results(scores, pruning, []), Outputs())
+    assert [c.margin for c in found] == [-0.01, -0.01, 0.1, 0.1, 0.01]
+    assert all(c.pairs == [0, 1, 2] for c in found)
+    assert [c.test.endswith("binomial over 600 test items") for c in found] == [True, True, False, False, True]
+    assert "one-sample" in found[2].test and found[2].baseline == 0.5 and found[2].method == 1.0
+    assert found[3].baseline == pytest.approx(0.1) and "binomial over 10 test items" in found[3].test
+    assert found[0].difference == pytest.approx(0.05) and found[4].difference == pytest.approx(0.1)

@@ -80,9 +80,33 @@ def test_run_four_clients_two_rounds_with_a_raising_and_a_vanishing_client(ray_s
     for plot in ("f1_heatmap.png", "trust.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
-    # the finished simulation is cached under units/: the same command resumes from it without simulating
+    # the finished simulation is cached under units/: the same command, interrupted before it wrote
+    # metrics.json (a finished run is not re-run), resumes from it without simulating
     assert len(list((out / "units").glob("simulation-*/simulation.json"))) == 1
+    (out / "metrics.json").unlink()
     monkeypatch.setattr(fedagain, "simulate", lambda *args, **kwargs: pytest.fail("the resumed run simulated"))
     assert main(["run", "fedagain", "--set", *sets, "--out", str(out)]) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["resumed"] and again["f1"] == metrics["f1"] and again["failures"] == metrics["failures"]
+
+
+def test_claims_pair_fedagain_and_fedavg_by_seed_with_their_margins():
+    from pipelines.pipeline import Outputs
+    from pipelines.results import columns
+
+    cfg = fedagain.FedAgainConfig(seeds=3, severities=[1, 5], forgers=2)
+    det = [{"scenario": scenario, "strategy": strategy, "seed": seed, "corruption": "darkness", "severity": severity,
+            **dict.fromkeys(fedagain.SCORES, (0.8 if strategy == "fedagain" else 0.5) + 0.01 * seed
+                            + (0.05 * severity if strategy == "fedagain" else 0.0))}
+           for scenario in ("corrupted", "forgers") for strategy in ("fedagain", "fedavg")
+           for seed in range(3) for severity in (1, 5)]
+    trust = [{"scenario": scenario, "strategy": "fedagain", "seed": seed, "kind": kind,
+              "relative_weight": {"clean": 1.2, "corrupted": 0.5, "forger": 0.1}[kind] + 0.02 * seed}
+             for scenario in ("corrupted", "forgers") for seed in range(3) for kind in ("clean", "corrupted", "forger")]
+    found = fedagain.claims(cfg, [], Outputs({"results": columns(det), "trust": columns(trust)}))
+    assert [c.margin for c in found] == [-0.01, -0.01, 0.1, 0.01, -0.01, 0.1]
+    assert all(c.pairs == [0, 1, 2] and c.seeds == 3 and "paired" in c.test for c in found)
+    assert found[0].method == pytest.approx(0.8 + 0.01 + 0.15) and found[0].baseline == pytest.approx(0.51)
+    assert found[2].method == pytest.approx(0.52) and found[2].baseline == pytest.approx(1.22)
+    assert found[3].difference == pytest.approx(0.2)  # the gain grows by 4 × 0.05 from severity 1 to 5
+    assert all(c.verdict == "reproduced" for c in found)

@@ -118,10 +118,10 @@ def test_cfg_matched_recall_interpolates_on_class_precision():
     points = {"cond": (0.80, 0.90), "cfg@2": (0.90, 0.70), "cfg@4": (1.00, 0.30), "cfg@8": (1.00, 0.10),
               "gfcg": (0.95, 0.65), "top": (1.00, 0.5), "low": (0.7, 0.9)}
     results = [{"arm": a, "seed": 0, "class_precision": p, "recall": r} for a, (p, r) in points.items()]
-    assert np.allclose(cfg_matched_recall(results, cfg, "gfcg", 1.0), [0.5])
-    assert np.allclose(cfg_matched_recall(results, cfg, "top", 1.0), [0.3])  # smallest scale reaching 1.0
-    assert np.allclose(cfg_matched_recall(results, cfg, "gfcg", 2.0), [0.5])
-    assert np.allclose(cfg_matched_recall(results, cfg, "low", 2.0), [0.7])  # below the curve's start
+    assert np.allclose(cfg_matched_recall(results, cfg, "gfcg", 1.0)[0], 0.5)  # per seed
+    assert np.allclose(cfg_matched_recall(results, cfg, "top", 1.0)[0], 0.3)  # smallest scale reaching 1.0
+    assert np.allclose(cfg_matched_recall(results, cfg, "gfcg", 2.0)[0], 0.5)
+    assert np.allclose(cfg_matched_recall(results, cfg, "low", 2.0)[0], 0.7)  # below the curve's start
     assert first_crossing(1.2, [0.8, 0.9, 0.85], [0.9, 0.6, 0.7]) == 0.6  # never reached: most precise point
 
 

@@ -87,15 +87,25 @@ def test_ray_job_submit_to_a_local_head(tmp_path):
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         client = JobSubmissionClient(address)
-        deadline = time.time() + 600
-        while (status := client.get_job_status(submission)) not in JobStatus.__members__.values() or \
-                not status.is_terminal():
-            assert time.time() < deadline, "job did not finish in time"
-            time.sleep(3)
-        assert status == JobStatus.SUCCEEDED, client.get_job_logs(submission)[-3000:]
+
+        def finished(submission_id):
+            deadline = time.time() + 600
+            while (status := client.get_job_status(submission_id)) not in JobStatus.__members__.values() or \
+                    not status.is_terminal():
+                assert time.time() < deadline, "job did not finish in time"
+                time.sleep(3)
+            return status
+
+        assert finished(submission) == JobStatus.SUCCEEDED, client.get_job_logs(submission)[-3000:]
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["examples"] > 0 and "el2n" in metrics["test_acc"]
         assert (out / "results.parquet").exists() and (out / "config.yaml").exists()
+        # a relative --out would land in the job's unpacked working dir: refused in one line
+        run_ok([str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+                "--submission-id", f"{submission}-relative", "--no-wait", "--", "gradworks", "run", "data_diet",
+                "--out", "runs/relative"], env)
+        assert finished(f"{submission}-relative") == JobStatus.FAILED
+        assert "--out must be an absolute path" in client.get_job_logs(f"{submission}-relative")
     finally:
         kill_trees(processes_mentioning(str(temp)))
         shutil.rmtree(temp, ignore_errors=True)

@@ -240,5 +240,25 @@ def test_cli_reproduce_quick_tiny(ray_session, tmp_path):
     assert main(["reproduce", "rl_watermark", "--quick", "--set", *sets, "--out", str(out)]) == 0
     claims = json.loads((out / "claim.json").read_text())
     assert len(claims["more"]) == 3
+    assert all(c["verdict"] in ("reproduced", "inconclusive", "contradicted") for c in [claims, *claims["more"]])
     assert (out / "results.parquet").exists() and (out / "history.parquet").exists()
     assert (out / "rl_watermark.png").exists()
+
+
+def test_claims_pair_the_arms_by_seed():
+    import numpy as np
+
+    from methods.language_models.rl_watermark import Results, RLWatermarkConfig, claims, plan
+
+    cfg = RLWatermarkConfig(seeds=3)
+    runs = plan(cfg, [1.0, 0.0])
+    assert [(r.key, r.arm) for r in runs[:3]] == [("kgw/0", "kgw"), ("rl/0/1.0", "rl_reg1"), ("rl/0/0.0", "rl_reg0")]
+    rows = [{"arm": r.arm, "seed": r.seed, "auc_spoof": 0.6 if r.reg_weight is not None else 0.95 + 0.01 * r.seed,
+             "auc_wm": 0.97, "auc_para": 0.9, "green_fraction_wm": 0.5 + (0.1 + 0.01 * r.seed) * (r.reg_weight == 0)}
+            for r in runs]
+    table = {k: np.array([row[k] for row in rows]) for k in rows[0]}
+    spoof, detectable, paraphrase, drift = claims(cfg, Results(table, {}), None)
+    assert spoof.pairs == [0, 1, 2] and spoof.difference == pytest.approx(0.36) and spoof.verdict == "reproduced"
+    assert spoof.margin == 0.05 and detectable.margin == paraphrase.margin == -0.1
+    assert drift.method_per_seed == pytest.approx([0.1, 0.11, 0.12]) and drift.baseline_per_seed == [0.0] * 3
+    assert drift.verdict == "reproduced" and detectable.verdict == "reproduced"  # equal AUCs: within the 0.1 bound

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from methods.adversarial import signatures as rws
+from methods.adversarial.rws import RWSConfig, claims, tables
 from methods.classifiers import build_classifier
 from pipelines.cli import main
+from pipelines.pipeline import Outputs
 
 torch.set_num_threads(1)
 
@@ -93,3 +95,27 @@ def test_run_end_to_end_through_the_cli(ray_session, tmp_path):
     acc = pq.read_table(out / "results.parquet").to_pydict()
     assert {"clean", "robust", "patch", "patch_int8", "compose"} == set(acc["arm"])
     assert (out / "rws.png").stat().st_size > 0
+
+
+def test_claims_pair_by_corruption_and_seed():
+    cfg = RWSConfig(seeds=2, alphas=[1.0])
+    cs, composed = cfg.corruptions, "+".join(cfg.corruptions)
+    acc = {"clean": 0.95, **dict.fromkeys(cs, 0.6)}  # θ_std per test set
+
+    def rows(arm, signature, alpha, gain):
+        return [{"arm": arm, "signature": signature, "alpha": alpha, "test_set": t,
+                 "acc": acc[t] + (gain if t == signature or arm == "compose" and t != "clean" else 0.0)} for t in acc]
+    results = [*rows("clean", "", 0.0, 0.0), *rows("compose", composed, 0.5, 0.05)]
+    for arm, alpha, gain in (("robust", 0.0, 0.2), ("patch", 1.0, 0.15), ("patch_int8", 1.0, 0.15)):
+        results += [r for c in cs for r in rows(arm, c, alpha, gain)]
+    layers = [[{"layer": str(d), "ratio": 2.0 - 0.5 * d, "relative": 0.1} for d in range(3)]]
+    bytes_ = {"full_weights": 4000, "rws_float32": 1600, "rws_int8": 400}
+    summary = {"per_seed": {str(s): {"rows": results, "layers": dict.fromkeys(cs, layers[0]), "bytes": bytes_}
+                            for s in (0, 1)}, "test_items": 500}
+    acc_table, lay_table = tables(summary)
+    found = claims(cfg, summary, Outputs(tables={"results": acc_table, "layers": lay_table}))
+    assert found[0].pairs == [[c, s] for c in cs for s in (0, 1)] and found[0].difference == pytest.approx(0.25)
+    assert found[2].verdict == "reproduced" and found[2].difference == pytest.approx(0.75)  # 2.0 vs mean(1.5, 1.0)
+    assert found[3].pairs == [0, 1] and found[3].difference == pytest.approx(0.05)  # composition, per seed
+    assert found[4].difference == 0 and "binomial over 500 test items" in found[4].test
+    assert found[5].difference == pytest.approx(9.0) and found[5].verdict == "reproduced"  # 4000 B / 400 B vs 1

@@ -1,6 +1,7 @@
 """A new method needs only its module: a toy one, declared in a few lines inside the test, gets
 `run`, `reproduce` and a 2-trial `sweep` from the spine through the CLI."""
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -9,7 +10,7 @@ import torch
 from pydantic import Field
 
 from pipelines import registry
-from pipelines.claims import compare
+from pipelines.claims import compare, per_seed
 from pipelines.cli import main
 from pipelines.config import TrainConfig
 from pipelines.pipeline import Outputs, Pipeline
@@ -61,8 +62,8 @@ def toy_pipeline() -> Pipeline:
 
     def claims(cfg, done, out):
         table = out.tables["results"]
-        return [compare("SGD fits better than predicting zero", "training MSE", table["mse"], table["zero_mse"],
-                        higher_is_better=False)]
+        return [compare("SGD fits better than predicting zero", "training MSE", per_seed(table, "mse"),
+                        per_seed(table, "zero_mse"), higher_is_better=False, margin=0.0, why="any fit beats none")]
 
     return Pipeline(config=ToyConfig, execute=execute, outputs=outputs, claims=claims, deviations=["a toy"],
                     budget=lambda cfg: f"{cfg.seeds} seeds, {cfg.steps} steps", trial=lambda cfg: cfg,
@@ -80,15 +81,28 @@ def toy(monkeypatch):
     monkeypatch.setattr(registry, "get", lambda method_id: entry)
 
 
-def test_a_toy_method_runs_reproduces_and_sweeps_through_the_spine(ray_session, toy, tmp_path):
-    assert main(["run", "toy", "--set", "steps=5", "--out", str(tmp_path / "run")]) == 0
+def test_a_toy_method_runs_reproduces_and_sweeps_through_the_spine(ray_session, toy, tmp_path, capsys):
+    run = ["run", "toy", "--set", "steps=5", "--out", str(tmp_path / "run")]
+    assert main(run) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["deviations"] == ["a toy"] and metrics["mse"] > 0
     assert len(pq.read_table(tmp_path / "run" / "results.parquet")) == 1
+    out = capsys.readouterr().out
+    assert re.search(rf"^  mse +{metrics['mse']:.4g}$", out, re.M) and f"results: {tmp_path / 'run'}" in out
+
+    # a finished run says so at once; --force re-runs it after moving the old results aside
+    assert main(run) == 0
+    assert "run is complete" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    assert main([*run, "--force"]) == 0
+    (previous,) = tmp_path.glob("run.previous-*")
+    assert json.loads((previous / "metrics.json").read_text()) == metrics
+    assert (tmp_path / "run" / "metrics.json").exists()
 
     assert main(["reproduce", "toy", "--quick", "--out", str(tmp_path / "claim")]) == 0
     claim = json.loads((tmp_path / "claim" / "claim.json").read_text())
     assert claim["seeds"] == 2 and claim["reproduced"] is True
+    assert "SGD fits better than predicting zero" in capsys.readouterr().out
     assert claim["deviations"] == ["a toy", "2 seeds, 10 steps"]
 
     space = tmp_path / "space.yaml"

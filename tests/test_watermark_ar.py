@@ -92,8 +92,36 @@ def test_cli_reproduce_quick_tiny(ray_session, tmp_path):
     assert main(["reproduce", "watermark_ar", "--quick", "--set", *sets, "--out", str(out)]) == 0
     claims = json.loads((out / "claim.json").read_text())
     assert len(claims["more"]) == 6
+    assert all(c["verdict"] in ("reproduced", "inconclusive", "contradicted") for c in [claims, *claims["more"]])
     assert (out / "summary.parquet").exists() and (out / "alignment.png").exists()
     import pandas as pd
 
     samples = pd.read_parquet(out / "samples.parquet")
     assert Counter(samples["scheme"]) == {s: 12 for s in ("none", "kgw", "gumbel", "gumbel_random")}
+
+
+def test_claims_average_temperatures_within_a_seed_and_pair_by_seed():
+    from methods.language_models.watermark_ar import Results, WatermarkARConfig, claims
+
+    cfg = WatermarkARConfig(seeds=3, temperatures=[0.7, 1.0], n_prompts=2, max_n=4)
+    rows = [(scheme, t, seed, n) for scheme in ("none", *cfg.schemes) for t in cfg.temperatures
+            for seed in cfg.seed_range() for n in ((1,) if scheme == "none" else (1, 4))]
+    reward = {("none", 1): 0.8, ("kgw", 1): 0.7, ("kgw", 4): 0.9, ("gumbel", 1): 0.7, ("gumbel", 4): 0.7,
+              ("gumbel_random", 1): 0.7, ("gumbel_random", 4): 0.9}
+    summary_ = {"scheme": np.array([r[0] for r in rows]), "temperature": np.array([r[1] for r in rows]),
+                "seed": np.array([r[2] for r in rows]), "n": np.array([r[3] for r in rows]),
+                "reward": np.array([reward[r[0], r[3]] + 0.1 * (r[1] - 0.7) + 0.01 * r[2] for r in rows]),
+                "tpr": np.array([np.nan if r[0] == "none" else 0.9 for r in rows])}
+    draws = [(scheme, seed, draw, kind) for scheme in ("none", "kgw") for seed in cfg.seed_range()
+             for draw in (0, 1) for kind in ("benign", "harmful")]
+    samples = {"scheme": np.array([d[0] for d in draws]), "seed": np.array([d[1] for d in draws]),
+               "draw": np.array([d[2] for d in draws]), "kind": np.array([d[3] for d in draws]),
+               "label": np.array(["unsafe" if d[0] == "kgw" and d[3] == "harmful" else "helpful" for d in draws])}
+    found = claims(cfg, Results(samples, summary_), None)
+    restores, lowers, shifts, detects, gains, _, _ = found
+    assert restores.method_per_seed == pytest.approx([0.915, 0.925, 0.935])  # mean over the two temperatures
+    assert restores.pairs == [0, 1, 2] and restores.margin == -0.02 and restores.verdict == "reproduced"
+    assert lowers.difference == pytest.approx(0.1) and lowers.verdict == "reproduced"
+    assert shifts.method_per_seed == pytest.approx([0.5] * 3) and shifts.baseline_per_seed == [0.0] * 3
+    assert detects.margin == -0.05 and "binomial over 8 test items" in detects.test
+    assert gains.difference == pytest.approx(0.2) and gains.verdict == "reproduced"

@@ -20,6 +20,7 @@ from methods.engines.attacks import PGDConfig, adversarial_batch
 from pipelines import train
 from pipelines.data import build_splits, load_shard
 from pipelines.pipeline import Stage
+from pipelines.units import cpu_state
 
 
 class TrainingConfig(ClassifierConfig):
@@ -64,10 +65,17 @@ class Worker:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.splits["train"]["x"].shape[1:])
 
-    def classifier(self, arch: str) -> nn.Module:
-        """A fresh classifier ``arch`` (MLP widths ``cfg.hidden``) on the worker's device."""
+    def classifier(self, arch: str, state: dict | None = None) -> nn.Module:
+        """A classifier ``arch`` (MLP widths ``cfg.hidden``) on the worker's device: fresh, or loaded from ``state``."""
         model = build_classifier(arch, self.shape, self.num_classes, hidden=tuple(self.cfg.hidden))
+        if state is not None:
+            model.load_state_dict(state)
         return model.to(self.session.device)
+
+
+def kept(model: nn.Module, done: dict) -> dict:
+    """A unit's result that keeps the trained model (its CPU state dict)."""
+    return {"model": cpu_state(model)}
 
 
 def worker(loop_config: dict, config: type[TrainingConfig]) -> Worker:

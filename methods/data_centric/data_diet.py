@@ -1,7 +1,10 @@
 """Deep Learning on a Data Diet (Paul, Ganguli, Dziugaite, NeurIPS 2021): EL2N and GraNd pruning.
 
-Scores: EL2N = ‖softmax(f(x)) − onehot(y)‖₂ after ``score_epochs`` of training, GraNd = ‖∇_w ℓ‖₂ at
-initialisation (or at the score epoch), each averaged over ``inits`` independent initialisations.
+Scores (``scores.py``), each averaged over ``inits`` independent initialisations k::
+
+    EL2N(x, y) = mean_k ‖softmax(f_k(x)) − onehot(y)‖₂    after ``score_epochs`` of training
+    GraNd(x, y) = mean_k ‖∇_w ℓ(f_k(x), y)‖₂             at initialisation (or at the score epoch)
+
 Pruning keeps the highest-score fraction (optionally after dropping the ``offset`` highest) and
 retrains from scratch; a random subset of the same size is the baseline. The whole plan (scoring
 runs, then one retrain per arm × kept fraction, for each seed) runs in one Ray Train job as
@@ -19,12 +22,12 @@ from pydantic import Field, model_validator
 from methods.classifiers import Arch, ClassifierConfig, Training, accuracy, build_classifier, train_epoch
 from methods.data_centric.scores import el2n_scores, grand_scores, keep_indices
 from pipelines import train
-from pipelines.claims import compare
+from pipelines.claims import compare, per_seed
 from pipelines.data import build_splits, load_shard
 from pipelines.errors import UserError
 from pipelines.pipeline import Outputs, Pipeline, Stage
 from pipelines.results import columns, subplots
-from pipelines.units import run_units, unit_key, unit_seed
+from pipelines.units import Unit, run_units, unit_key, unit_seed
 
 Arm = Literal["el2n", "grand", "random", "el2n_lowest"]
 
@@ -63,10 +66,11 @@ DEVIATIONS = [
 
 @dataclass(frozen=True)
 class Run:
-    """One training run of the plan: a scoring run (``init``), the full-data reference, or a retrain
-    on the kept ``fraction`` of ``arm``; ``key`` names its unit (and seeds its init and data order)."""
+    """One training run of the plan: a GraNd-at-init reading or a scoring run (``init``), the full-data
+    reference, or a retrain on the kept ``fraction`` of ``arm``; ``key`` names its unit (and seeds its
+    data order)."""
 
-    kind: Literal["score", "full", "prune"]
+    kind: Literal["grand0", "score", "full", "prune"]
     seed: int
     init: int = 0
     arm: str = ""
@@ -74,19 +78,22 @@ class Run:
 
     @property
     def key(self) -> str:
-        parts = {"score": (self.init,), "full": (), "prune": (self.arm, self.fraction)}[self.kind]
+        parts = {"full": (), "prune": (self.arm, self.fraction)}.get(self.kind, (self.init,))
         return unit_key((self.kind, self.seed, *parts))
+
+    @property
+    def init_key(self) -> str:
+        """The key seeding its initialisation: a GraNd-at-init reading shares its scoring run's."""
+        return Run("score", self.seed, self.init).key if self.kind == "grand0" else self.key
 
 
 def plan(cfg: DataDietConfig) -> list[Run]:
-    """Per seed: the K scoring runs, the full-data reference, a retrain per (kept fraction, arm).
-
-    With ``grand_at="init"`` each scoring run is preceded by a zero-epoch unit reading GraNd of
-    the same initialisation (key ``grand0/<seed>/<k>``).
-    """
+    """Per seed: the K scoring runs (each after a zero-epoch GraNd reading of its initialisation with
+    ``grand_at="init"``), the full-data reference, a retrain per (kept fraction, arm)."""
+    readings = ("grand0", "score") if cfg.grand_at == "init" else ("score",)
     runs: list[Run] = []
     for seed in cfg.seed_range():
-        runs += [Run("score", seed, init=k) for k in range(cfg.inits)]
+        runs += [Run(kind, seed, init=k) for k in range(cfg.inits) for kind in readings]
         runs += [Run("full", seed)] if cfg.full_reference else []
         runs += [Run("prune", seed, arm=arm, fraction=f) for f in cfg.keep_fractions for arm in cfg.arms]
     return runs
@@ -95,7 +102,7 @@ def plan(cfg: DataDietConfig) -> list[Run]:
 def mean_scores(cfg: DataDietConfig, done: dict, seed: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx, score averaged over the K scoring runs of ``seed``), sorted by example idx."""
     prefix = "grand0" if name == "grand" and cfg.grand_at == "init" else "score"
-    runs = [done[f"{prefix}/{seed}/{k}"] for k in range(cfg.inits)]
+    runs = [done[Run(prefix, seed, init=k).key] for k in range(cfg.inits)]
     idx = torch.sort(runs[0]["idx"]).values
     stacked = torch.stack([r[name][torch.argsort(r["idx"])] for r in runs])
     return idx, stacked.mean(0)
@@ -119,11 +126,10 @@ def train_loop(loop_config: dict) -> None:
     shape, classes = tuple(tr["x"].shape[1:]), int(loop_config["num_classes"])
     training = Training(
         epoch=lambda m, opt, x, y, gen: train_epoch(m, opt, x, y, batch_size=cfg.batch_size, generator=gen),
-        optimizer=cfg.sgd,
-        evaluate=lambda m: accuracy(m, val["x"], val["y"]), device=session.device)
+        optimizer=cfg.sgd, evaluate=lambda m: accuracy(m, val["x"], val["y"]), device=session.device)
 
     def fresh(key: str) -> torch.nn.Module:
-        """The initialisation of scoring run ``key`` (its GraNd-at-init unit shares it)."""
+        """The initialisation seeded by ``key``."""
         torch.manual_seed(unit_seed(key))
         return build_classifier(cfg.arch, shape, classes, hidden=tuple(cfg.hidden))
 
@@ -144,23 +150,18 @@ def train_loop(loop_config: dict) -> None:
 
     def retrained(model: torch.nn.Module, done: dict, run: Run) -> dict:
         kept = kept_idx(cfg, done, run) if run.kind == "prune" else done[Run("score", run.seed).key]["idx"]
-        return {"test_acc": accuracy(model, test["x"], test["y"]), "kept": len(kept)}
+        return {"test_acc": accuracy(model, test["x"], test["y"]), "kept": len(kept), "test_items": len(test["y"])}
 
-    units = []
-    for run in plan(cfg):
-        if run.kind == "score":
-            if cfg.grand_at == "init":
-                units.append(training.unit(f"grand0/{run.seed}/{run.init}", 0, lambda done, k=run.key: fresh(k),
-                                           lambda done: (tr["x"], tr["y"]), lambda m, done: scores(m, with_el2n=False)))
-            units.append(training.unit(run.key, cfg.score_epochs, lambda done, k=run.key: fresh(k),
-                                       lambda done: (tr["x"], tr["y"]), lambda m, done: scores(m, with_el2n=True),
-                                       progress=lambda e: {"retrain_epoch": 0}))
-        else:
-            units.append(training.unit(run.key, cfg.retrain_epochs, lambda done, k=run.key: fresh(k),
-                                       lambda done, r=run: subset(r, done),
-                                       lambda m, done, r=run: retrained(m, done, r),
-                                       progress=lambda e: {"retrain_epoch": e + 1}))
-    run_units(session, units)
+    def unit(run: Run) -> Unit:
+        """A reading of the scores (GraNd at init, or after the scoring epochs) or a retrain."""
+        reading = run.kind in ("grand0", "score")
+        return training.unit(
+            run.key, {"grand0": 0, "score": cfg.score_epochs}.get(run.kind, cfg.retrain_epochs),
+            lambda done: fresh(run.init_key), lambda done: (tr["x"], tr["y"]) if reading else subset(run, done),
+            lambda m, done: scores(m, with_el2n=run.kind == "score") if reading else retrained(m, done, run),
+            progress=lambda e: {"retrain_epoch": 0 if reading else e + 1})
+
+    run_units(session, [unit(run) for run in plan(cfg)])
 
 
 def fit(cfg: DataDietConfig, stage: Stage) -> dict:
@@ -184,9 +185,7 @@ class Results:
 def execute(cfg: DataDietConfig, stage: Stage) -> Results:
     """The plan; a claim check runs it twice: scores with 10 % of labels flipped, pruning on clean labels."""
     if not stage.claims:
-        readings = cfg.seeds * cfg.inits if cfg.grand_at == "init" else 0
-        stage.log(f"{len(plan(cfg))} training units" + (f" and {readings} GraNd-at-init readings" if readings else "")
-                  + f" on {cfg.num_workers} Ray Train worker(s)")
+        stage.log(f"{len(plan(cfg))} units on {cfg.num_workers} Ray Train worker(s)")
         state = fit(cfg, stage)
         pruning = pruning_table(cfg, state["done"]) if cfg.keep_fractions or cfg.full_reference else None
         return Results(score_table(cfg, state["done"]), pruning, state["starts"])
@@ -214,21 +213,25 @@ def score_table(cfg: DataDietConfig, done: dict) -> dict[str, np.ndarray]:
 def pruning_table(cfg: DataDietConfig, done: dict) -> dict[str, np.ndarray]:
     """One row per retrained model (and full-data reference): its arm, fraction pruned and accuracies."""
     return columns([{"seed": run.seed, "arm": run.arm or "full", "fraction_pruned": 1 - run.fraction,
-                     **{k: done[run.key][k] for k in ("test_acc", "val_acc", "kept")}}
-                    for run in plan(cfg) if run.kind != "score"])
+                     **{k: done[run.key][k] for k in ("test_acc", "val_acc", "kept", "test_items")}}
+                    for run in plan(cfg) if run.kind in ("full", "prune")])
 
 
-def noise_detection(scores: dict[str, np.ndarray], name: str) -> tuple[list[float], list[float]]:
+def top_count(examples: int) -> int:
+    """How many of a seed's highest scores count as its top 10 %."""
+    return max(1, examples // 10)
+
+
+def noise_detection(scores: dict[str, np.ndarray], name: str) -> tuple[dict[int, float], dict[int, float]]:
     """Per seed: AUROC of ``name`` for "is flipped", and the flipped share among the top 10 % scores."""
     from sklearn.metrics import roc_auc_score
 
-    aurocs, top_shares = [], []
-    for seed in np.unique(scores["seed"]):
+    aurocs, top_shares = {}, {}
+    for seed in np.unique(scores["seed"]).tolist():
         rows = scores["seed"] == seed
         flipped, s = scores["flipped"][rows], scores[name][rows]
-        aurocs.append(float(roc_auc_score(flipped, s)))
-        top = np.argsort(s)[-max(1, len(s) // 10):]
-        top_shares.append(float(flipped[top].mean()))
+        aurocs[seed] = float(roc_auc_score(flipped, s))
+        top_shares[seed] = float(flipped[np.argsort(s)[-top_count(len(s)):]].mean())
     return aurocs, top_shares
 
 
@@ -239,8 +242,7 @@ def plot_scores(scores: dict[str, np.ndarray], grand_at: str):
         groups = [("clean labels", ~flipped), ("flipped labels", flipped)] if flipped.any() else [("all", ~flipped)]
         for label, mask in groups:
             ax.hist(scores[key][mask], bins=40, alpha=0.6, density=True, label=label)
-        ax.set_xlabel("EL2N" if key == "el2n" else f"GraNd (at {grand_at.replace('_', ' ')})")
-        ax.set_ylabel("density")
+        ax.set(xlabel="EL2N" if key == "el2n" else f"GraNd (at {grand_at.replace('_', ' ')})", ylabel="density")
         ax.legend()
     fig.suptitle("Data Diet scores, averaged over initialisations")
     return fig
@@ -255,59 +257,58 @@ def plot_pruning(table: dict[str, np.ndarray]):
         ax.errorbar(fractions, [a.mean() for a in acc], yerr=[a.std() for a in acc], marker="o", capsize=3, label=arm)
     if "full" in set(table["arm"]):
         ax.axhline(table["test_acc"][table["arm"] == "full"].mean(), color="k", ls="--", label="full data")
-    ax.set_xlabel("fraction of training data pruned")
-    ax.set_ylabel("test accuracy")
+    ax.set(xlabel="fraction of training data pruned", ylabel="test accuracy")
     ax.legend()
     return fig
 
 
 def outputs(cfg: DataDietConfig, results: Results) -> Outputs:
+    """The scores (results) and pruning tables and their plots; noise detection and accuracy by arm."""
     scores, pruning = results.scores, results.pruning
     metrics: dict = {"examples": int((scores["seed"] == cfg.seed).sum()), "train_starts": results.starts}
     if scores["flipped"].any():
-        aurocs, shares = noise_detection(scores, "el2n")
-        metrics["noise"] = {"el2n_auroc": float(np.mean(aurocs)), "el2n_top10_flipped_share": float(np.mean(shares)),
-                            "grand_auroc": float(np.mean(noise_detection(scores, "grand")[0]))}
+        el2n = noise_detection(scores, "el2n")
+        noise = {"el2n_auroc": el2n[0], "el2n_top10_flipped_share": el2n[1],
+                 "grand_auroc": noise_detection(scores, "grand")[0]}
+        metrics["noise"] = {name: float(np.mean(list(values.values()))) for name, values in noise.items()}
     tables, figures = {"results": scores}, {"scores.png": plot_scores(scores, cfg.grand_at)}
     if pruning is not None:
         tables["pruning"], figures["pruning.png"] = pruning, plot_pruning(pruning)
-        metrics["test_acc"] = summarize(pruning)
+        metrics["test_acc"] = {}
+        for arm, fraction in sorted(set(zip(pruning["arm"], pruning["fraction_pruned"]))):
+            acc = pruning["test_acc"][(pruning["arm"] == arm) & (pruning["fraction_pruned"] == fraction)]
+            metrics["test_acc"].setdefault(arm, {})[f"{fraction:.2f}"] = float(acc.mean())
     return Outputs(tables, figures, metrics)
 
 
-def summarize(table: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for arm, f in sorted(set(zip(table["arm"], table["fraction_pruned"]))):
-        acc = table["test_acc"][(table["arm"] == arm) & (table["fraction_pruned"] == f)]
-        out.setdefault(arm, {})[f"{f:.2f}"] = float(acc.mean())
-    return out
-
-
 def claims(cfg: DataDietConfig, results: Results, outputs: Outputs) -> list:
-    """Pruning at 50 % / 30 % vs random, and noisy-label detection (10 % flipped), over the seeds."""
+    """Pruning at 50 % / 30 % vs random, and noisy-label detection (10 % flipped), paired by seed."""
     table, noisy = results.pruning, results.scores
+    test_items = int(table["test_items"][0])
 
-    def accs(arm: str, pruned: float) -> np.ndarray:
-        rows = (table["arm"] == arm) & np.isclose(table["fraction_pruned"], pruned)
-        return table["test_acc"][rows]
+    def accs(arm: str, pruned: float) -> dict[int, float]:
+        return per_seed(table, "test_acc", arm=arm, fraction_pruned=pruned)
 
+    at_least = "'at least as accurate' is non-inferiority: not worse by more than one accuracy point"
     found = [compare(f"training on the highest-EL2N {1 - p:.0%} of the data is at least as accurate as a "
-                     f"random subset of the same size ({p:.0%} pruned)", "test accuracy",
-                     accs("el2n", p), accs("random", p), margin=0.0)
-             for p in (0.5, 0.3) if accs("el2n", p).size and accs("random", p).size]
+                     f"random subset of the same size ({p:.0%} pruned)", "test accuracy", accs("el2n", p),
+                     accs("random", p), margin=-0.01, why=at_least, trials=test_items)
+             for p in (0.5, 0.3) if accs("el2n", p) and accs("random", p)]
     if not found:
         raise UserError("reproduce needs arms el2n and random at keep fractions 0.5 and/or 0.7")
     aurocs, shares = noise_detection(noisy, "el2n")
     found.append(compare("with 10% of labels flipped, EL2N ranks flipped examples well above chance",
-                         "AUROC of EL2N for 'is flipped' (baseline: chance; rule: ≥ 0.1 above)",
-                         aurocs, [0.5], margin=0.1))
+                         "AUROC of EL2N for 'is flipped' (baseline: chance; rule: ≥ 0.1 above)", aurocs, 0.5,
+                         margin=0.1, why="the stated rule: 'well above chance' is 0.1 AUROC above 0.5"))
     found.append(compare("flipped labels concentrate among the highest EL2N scores",
-                         "share of flipped labels in the top 10% EL2N (baseline: the 10% base rate)",
-                         shares, [float(noisy["flipped"].mean())], margin=0.0))
-    if accs("grand", 0.5).size:
+                         "share of flipped labels in the top 10% EL2N (baseline: the 10% base rate)", shares,
+                         float(noisy["flipped"].mean()), trials=top_count(int(sum(noisy["seed"] == cfg.seed))),
+                         margin=0.1, why="'concentrate': at least twice the 10% base rate, 10 points above it"))
+    if accs("grand", 0.5):
         found.append(compare("GraNd at initialisation is weaker than EL2N (Kirsch 2023 reproduction)",
                              "test accuracy at 50% pruned: EL2N (method) vs GraNd@init (baseline)",
-                             accs("el2n", 0.5), accs("grand", 0.5), margin=0.0))
+                             accs("el2n", 0.5), accs("grand", 0.5), margin=0.01, trials=test_items,
+                             why="'weaker': at least one accuracy point below EL2N"))
     return found
 
 
@@ -327,7 +328,7 @@ PIPELINE = Pipeline(
     profiles={
         "quick": {"seeds": 3, "inits": 2, "score_epochs": 2, "retrain_epochs": 6, "hidden": [64, 64],
                   "keep_fractions": [0.7, 0.5], "arms": ["el2n", "random"], "full_reference": False},
-        "full": {"seeds": 3, "inits": 5, "score_epochs": 3, "retrain_epochs": 40,
+        "full": {"seeds": 5, "inits": 5, "score_epochs": 3, "retrain_epochs": 40,
                  "keep_fractions": [0.9, 0.7, 0.5, 0.3], "arms": ["el2n", "grand", "random", "el2n_lowest"]},
     },
 )

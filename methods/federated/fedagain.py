@@ -180,42 +180,47 @@ def outputs(cfg: FedAgainConfig, sims: list[Simulation]) -> Outputs:
 
 
 def claims(cfg: FedAgainConfig, sims: list[Simulation], out: Outputs) -> list:
-    """FedAgain vs FedAvg with corrupted clients (F1, precision, trust, gain by severity), then with forgers."""
+    """FedAgain vs FedAvg with corrupted clients (F1, precision, trust, gain by severity), then with forgers;
+    every arm paired by seed."""
     det, trust = pd.DataFrame(out.tables["results"]), pd.DataFrame(out.tables.get("trust", {}))
 
-    def per_seed(scenario: str, strategy: str):
-        """Mean scores over corruptions × severities, one row per seed (sorted)."""
+    def scores(scenario: str, strategy: str) -> pd.DataFrame:
+        """Mean scores over corruptions × severities, one row per seed."""
         return det[(det.scenario == scenario) & (det.strategy == strategy)].groupby("seed")[list(SCORES)].mean()
 
     def relative_trust(scenario: str) -> dict:
-        """FedAgain's mean relative weight (weight × sampled clients; 1 = equal share) per kind, by seed."""
+        """FedAgain's mean relative weight (weight × sampled clients; 1 = equal share): kind → seed → weight."""
         rows = trust[(trust.scenario == scenario) & (trust.strategy == "fedagain")] if len(trust) else trust
-        return rows.groupby(["seed", "kind"]).relative_weight.mean().unstack() if len(rows) else {}
+        return rows.groupby(["seed", "kind"]).relative_weight.mean().unstack().to_dict() if len(rows) else {}
 
-    share = f"{cfg.corrupted_ratio:.0%} corrupted clients"
-    again, avg = per_seed("corrupted", "fedagain"), per_seed("corrupted", "fedavg")
+    at_least = {"margin": -0.01, "why": "'at least FedAvg's' is non-inferiority: not worse by more than one point"}
+    less_weight = {"margin": 0.1, "higher_is_better": False,
+                   "why": "a tenth of an equal share; a smaller cut leaves the client's pull on the aggregate intact"}
+    share, mean_over = f"{cfg.corrupted_ratio:.0%} corrupted clients", "mean over corruptions × severities"
+    again, avg = scores("corrupted", "fedagain"), scores("corrupted", "fedavg")
     found = [compare(f"FedAgain's {name} is at least FedAvg's with {share}", f"{name} at the Youden threshold, "
-                     "mean over corruptions × severities", again[score], avg[score])
+                     f"{mean_over}", again[score].to_dict(), avg[score].to_dict(), **at_least)
              for name, score in (("F1", "f1"), ("precision", "precision"))]
     if {"clean", "corrupted"} <= set(weights := relative_trust("corrupted")):
         found.append(compare("FedAgain gives corrupted clients less weight than clean ones",
                              "FedAgain weight × sampled clients (1 = equal share): corrupted (method) "
-                             "vs clean (baseline)", weights["corrupted"], weights["clean"], higher_is_better=False))
+                             "vs clean (baseline)", weights["corrupted"], weights["clean"], **less_weight))
     lo, hi = min(cfg.severities), max(cfg.severities)
     if hi > lo:
         rows = det[det.scenario == "corrupted"].groupby(["strategy", "seed", "severity"]).f1.mean()
         gain = rows["fedagain"] - rows["fedavg"]
         found.append(compare("FedAgain's F1 gain over FedAvg is largest at high severity",
                              f"F1 gain over FedAvg at severity {hi} (method) vs severity {lo} (baseline)",
-                             gain.xs(hi, level="severity"), gain.xs(lo, level="severity")))
+                             gain.xs(hi, level="severity").to_dict(), gain.xs(lo, level="severity").to_dict(),
+                             margin=0.01, why="one F1 point: the gain must grow with severity by more than that"))
     if cfg.forgers:
         found.append(compare(f"with {cfg.forgers} forgers as well, FedAgain's F1 is at least FedAvg's",
-                             "F1 at the Youden threshold, mean over corruptions × severities",
-                             per_seed("forgers", "fedagain").f1, per_seed("forgers", "fedavg").f1))
+                             f"F1 at the Youden threshold, {mean_over}", scores("forgers", "fedagain").f1.to_dict(),
+                             scores("forgers", "fedavg").f1.to_dict(), **at_least))
         if {"clean", "forger"} <= set(weights := relative_trust("forgers")):
             found.append(compare("FedAgain suppresses forger clients", "FedAgain weight × sampled clients: "
                                  "forger (method) vs clean (baseline)", weights["forger"], weights["clean"],
-                                 higher_is_better=False))
+                                 **less_weight))
     return found
 
 

@@ -35,7 +35,7 @@ from methods.generative.pretrain import (GenerativeConfig, GeneratorSpec, build_
 from methods.generative.samplers import cfg_predictor, sample_ddim
 from methods.generative.schedules import make_ddim_scheduler, make_ddpm_scheduler
 from pipelines import train
-from pipelines.claims import compare
+from pipelines.claims import compare, per_seed
 from pipelines.errors import UserError
 from pipelines.pipeline import Outputs, Pipeline, Stage
 from pipelines.results import RunDir, columns, subplots
@@ -97,6 +97,11 @@ def plan(cfg: AlignPropConfig) -> list[tuple[str, int]]:
     return [(arm, seed) for seed in cfg.seed_range() for arm in cfg.arms]
 
 
+def per_update(cfg: AlignPropConfig, arm: str) -> int:
+    """Samples generated per update: a DDPO iteration or an AlignProp batch."""
+    return cfg.ddpo_batch_size if arm == "ddpo" else cfg.batch_size
+
+
 def truncation_steps(kind: Truncation, n: int, generator: torch.Generator) -> int:
     """K, the number of final steps that backpropagate."""
     if kind == "k1":
@@ -121,18 +126,9 @@ def reward_backprop(model: torch.nn.Module, proxy: torch.nn.Module, scheduler, l
     return loss_coeff * per_sample.mean(), rewards.detach()
 
 
-def lora_model(root: Path, cfg: AlignPropConfig, seed: int):
-    """The pretrained generator with fresh LoRA adapters (B = 0, A Gaussian from ``seed``)."""
-    base = load_generator(root, generator_spec(cfg))
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return add_lora(base, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-
-
 def train_step(cfg: AlignPropConfig, arm: str, model, proxy, scheduler, labels: torch.Tensor,
                generator: torch.Generator, tracker: PerPromptStatTracker, optimizer, world_size: int) -> dict:
     """One AlignProp update (reward backprop through the last K steps) or one DDPO iteration."""
-    params = [p for p in model.parameters() if p.requires_grad]
     if arm == "ddpo":
         return ddpo_iteration(model, proxy, scheduler, labels, generator, tracker, optimizer,
                               minibatch=cfg.ddpo_minibatch, clip_range=cfg.ddpo_clip, adv_clip=cfg.ddpo_adv_clip,
@@ -145,7 +141,7 @@ def train_step(cfg: AlignPropConfig, arm: str, model, proxy, scheduler, labels: 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     train.average_gradients(model, world_size)
-    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
     optimizer.step()
     return {"train_reward": rewards.mean().item(), "grad_steps": k}
 
@@ -163,9 +159,13 @@ def finetune_loop(config: dict) -> None:
         return kit.sample(cfg_predictor(model, labels, cfg.guidance_scale), labels, cfg.eta, 10_000 + seed)
 
     def start(arm: str, seed: int) -> Work:
-        """Fresh LoRA on the pretrained generator; the curve starts with the pretrained model's point."""
+        """Fresh LoRA (B = 0, A Gaussian from the unit's seed) on the pretrained generator; the curve starts with
+        the pretrained model's point."""
         seed_of_unit = unit_seed(unit_key((arm, seed)))
-        model = lora_model(root, cfg, seed_of_unit)
+        base = load_generator(root, generator_spec(cfg))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed_of_unit)
+            model = add_lora(base, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         ddpo = arm == "ddpo"
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg.ddpo_lr if ddpo else cfg.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -177,13 +177,12 @@ def finetune_loop(config: dict) -> None:
                     curve=[{"samples": 0, "train_reward": float("nan"), **evaluate(model, seed)[0]}])
 
     def update(work: Work, arm: str, seed: int) -> dict:
-        per_update = cfg.ddpo_batch_size if arm == "ddpo" else cfg.batch_size
-        labels = torch.randint(0, 10, (per_update // session.world_size,), generator=work.generator)
+        labels = torch.randint(0, 10, (per_update(cfg, arm) // session.world_size,), generator=work.generator)
         tic = time.thread_time()
         stats = train_step(cfg, arm, work.model, kit.judges.proxy, kit.scheduler, labels, work.generator, work.tracker,
                            work.optimizer, session.world_size)
         work.cpu += time.thread_time() - tic
-        work.samples += per_update
+        work.samples += per_update(cfg, arm)
         work.updates += 1
         metrics = {"samples": work.samples, "train_reward": stats["train_reward"]}
         if work.samples % cfg.eval_every == 0:
@@ -205,68 +204,58 @@ def finetune_loop(config: dict) -> None:
                 result[name] = evaluate(model, seed, 20)[1]
         return result
 
-    units = [Unit(unit_key((arm, seed)), cfg.samples // (cfg.ddpo_batch_size if arm == "ddpo" else cfg.batch_size),
-                  lambda done, a=arm, s=seed: start(a, s), lambda work, i, a=arm, s=seed: update(work, a, s),
-                  lambda work, done, a=arm, s=seed: finetuned(work, a, s), step_name="update")
-             for arm, seed in plan(cfg)]
-    run_units(session, units)
+    run_units(session, [Unit(unit_key((arm, seed)), cfg.samples // per_update(cfg, arm),
+                             lambda done, a=arm, s=seed: start(a, s), lambda work, i, a=arm, s=seed: update(work, a, s),
+                             lambda work, done, a=arm, s=seed: finetuned(work, a, s), step_name="update")
+                        for arm, seed in plan(cfg)])
 
 
-@dataclass(frozen=True)
-class Results:
-    """The finished (arm, seed) units and, in a claim check, the costs of one update per backprop variant."""
-
-    done: dict
-    costs: dict[str, dict] | None = None
-
-
-def execute(cfg: AlignPropConfig, stage: Stage) -> Results:
-    """Pretrain (or load) the generator and judges, fine-tune every unit in one Train run; a claim check
-    then measures the costs of K = 1 and the full chain (written to ``<out>/costs.json``)."""
+def execute(cfg: AlignPropConfig, stage: Stage) -> dict:
+    """Pretrain (or load) the generator and judges, fine-tune every unit in one Train run: the finished units by
+    key. A claim check then measures, per seed, the costs of K = 1 and the full chain (``<out>/costs.json``)."""
     if stage.claims and ("ddpo" not in cfg.arms or all(arm == "ddpo" for arm in cfg.arms)):
         raise UserError("reproduce needs the ddpo arm and at least one AlignProp truncation in arms")
     root = pretrained(cfg, stage, [generator_spec(cfg), judge_spec(cfg)])
     stage.log(f"fine-tuning {len(plan(cfg))} (arm, seed) units, {cfg.samples} samples each, on Ray Train")
     done = stage.fit(finetune_loop, {"cfg": cfg.model_dump(), "root": str(root)}, cfg)["done"]
     if not stage.claims:
-        return Results(done)
+        return {"done": done}
     import ray
 
-    stage.log("measuring peak memory and CPU time of one update: K = 1 vs full chain")
+    stage.log("measuring peak memory and CPU time of one update per seed: K = 1 vs full chain")
     task = ray.remote(num_cpus=cfg.cpus_per_worker)(backprop_costs)
-    costs = ray.get(task.remote(cfg.gen_channels, cfg.batch_size, cfg.num_inference_steps))
+    costs = ray.get(task.remote(cfg.gen_channels, cfg.batch_size, cfg.num_inference_steps, list(cfg.seed_range())))
     RunDir(Path(stage.storage).parent, "alignprop").write_json("costs.json", costs)
-    return Results(done, costs)
+    return {"done": done, "costs": costs}
 
 
-def backprop_costs(channels: list[int], batch: int, steps: int) -> dict[str, dict]:
-    """Peak resident-memory growth (MiB) and CPU seconds of one AlignProp update (sample + backward) per variant:
-    K = 1 and the full chain, both checkpointed, and the full chain without checkpointing.
+def backprop_costs(channels: list[int], batch: int, steps: int, seeds: list[int]) -> dict[str, dict[int, dict]]:
+    """Per variant and seed, the peak resident-memory growth (MiB) and CPU seconds of one AlignProp update
+    (sample + backward): K = 1 and the full chain, both checkpointed, and the full chain without checkpointing.
 
     After one unmeasured update (one-time allocations), :func:`methods.engines.memory.measure` reads
     each variant's own peak: the chain's working memory plus the graph kept for its last K steps. Linux only.
     """
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = add_lora(build_generator(GeneratorSpec(channels=tuple(channels))).requires_grad_(False))
-    proxy = ConvClassifier().eval().requires_grad_(False)
     scheduler = make_ddim_scheduler(make_ddpm_scheduler(), steps)
     labels = torch.arange(batch) % 10
-
-    def update(grad_steps: int, checkpoint: bool) -> None:
-        loss, _ = reward_backprop(model, proxy, scheduler, labels, torch.Generator().manual_seed(0), grad_steps,
-                                  checkpoint=checkpoint)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    update(1, True)
     variants = {"k1": (1, True), "full": (steps, True), "full_no_checkpointing": (steps, False)}
-    return {name: asdict(measure(lambda: update(*variant))) for name, variant in variants.items()}
+    costs: dict[str, dict[int, dict]] = {name: {} for name in variants}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = add_lora(build_generator(GeneratorSpec(channels=tuple(channels))).requires_grad_(False))
+        proxy = ConvClassifier().eval().requires_grad_(False)
 
+        def update(grad_steps: int, checkpoint: bool) -> None:
+            loss, _ = reward_backprop(model, proxy, scheduler, labels, torch.Generator().manual_seed(0), grad_steps,
+                                      checkpoint=checkpoint)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
 
-def final(cfg: AlignPropConfig, done: dict, arm: str, metric: str) -> np.ndarray:
-    """Per seed, ``metric`` at the end of the sample budget."""
-    return np.array([done[unit_key((arm, s))]["curve"][-1][metric] for s in cfg.seed_range()])
+        update(1, True)
+        for name, variant in variants.items():
+            costs[name][seed] = asdict(measure(lambda: update(*variant)))
+    return costs
 
 
 def plot_means(table: dict[str, np.ndarray], x: str, xlabel: str, metrics: dict[str, str]):
@@ -285,20 +274,21 @@ def plot_means(table: dict[str, np.ndarray], x: str, xlabel: str, metrics: dict[
     return fig
 
 
-def outputs(cfg: AlignPropConfig, results: Results) -> Outputs:
+def outputs(cfg: AlignPropConfig, results: dict) -> Outputs:
     """Curves and soups (tables and figures), and the metrics at the start and end, averaged over the seeds."""
-    units = {(arm, seed): results.done[unit_key((arm, seed))] for arm, seed in plan(cfg)}
+    units = {(arm, seed): results["done"][unit_key((arm, seed))] for arm, seed in plan(cfg)}
 
     def points(kind: str, keys: list[str]) -> dict[str, np.ndarray]:
         """One row per point of each unit's curve or soup."""
         return columns([{"arm": arm, "seed": seed, **point} for (arm, seed), unit in units.items()
                         for point in unit.get(kind, [])], ["arm", "seed", *keys])
 
-    tables = {"curves": points("curve", ["samples", "train_reward", *CURVE_METRICS, "precision", "recall"])}
+    curves = points("curve", ["samples", "train_reward", *CURVE_METRICS, "precision", "recall"])
+    tables = {"curves": curves}
     first = {arm: units[arm, cfg.seed] for arm in cfg.arms}
     grids = {"pretrained": first[cfg.arms[0]]["grid_before"],
              **{arm if arm == "ddpo" else f"alignprop {arm}": unit["grid"] for arm, unit in first.items()}}
-    figures = {"rewards.png": plot_means(tables["curves"], "samples", "generated samples",
+    figures = {"rewards.png": plot_means(curves, "samples", "generated samples",
                                          {"proxy_reward": "proxy reward log p(c|x)",
                                           "gold_reward": "gold reward log p(c|x)",
                                           "class_precision": "gold class precision"}),
@@ -307,36 +297,51 @@ def outputs(cfg: AlignPropConfig, results: Results) -> Outputs:
         tables["soup"] = points("soup", ["coef", *CURVE_METRICS])
         figures["soup.png"] = plot_means(tables["soup"], "coef", "LoRA mixing coefficient α (0 = pretrained)",
                                          {m: m for m in ("proxy_reward", "gold_reward", "diversity")})
-    seeds = cfg.seed_range()
-    final_means = {arm: {**{m: float(final(cfg, results.done, arm, m).mean()) for m in CURVE_METRICS},
-                         "cpu_seconds_per_update": float(np.mean([units[arm, s]["cpu_per_update"] for s in seeds]))}
+
+    def mean(column: str, arm: str, samples: int) -> float:
+        return float(np.mean([*per_seed(curves, column, arm=arm, samples=samples).values()]))
+
+    final_means = {arm: {**{m: mean(m, arm, cfg.samples) for m in CURVE_METRICS}, "cpu_seconds_per_update":
+                         float(np.mean([units[arm, s]["cpu_per_update"] for s in cfg.seed_range()]))}
                    for arm in cfg.arms}
-    pretrained_means = {m: float(np.mean([units[cfg.arms[0], s]["curve"][0][m] for s in seeds])) for m in CURVE_METRICS}
-    return Outputs(tables, figures, {"pretrained": pretrained_means, "final": final_means,
-                                     "samples_per_arm": cfg.samples})
+    return Outputs(tables, figures, {"pretrained": {m: mean(m, cfg.arms[0], 0) for m in CURVE_METRICS},
+                                     "final": final_means, "samples_per_arm": cfg.samples})
 
 
-def claims(cfg: AlignPropConfig, results: Results, outputs: Outputs) -> list:
+REWARD_MARGIN = ("0.05 nats of log p(c|x) = a 5% higher geometric-mean probability of the prompt class; "
+                 "smaller gains do not matter for a 10-class reward")
+MEMORY_MARGIN = "1 MiB: below it is the resident-set measurement's page and allocator granularity"
+
+
+def claims(cfg: AlignPropConfig, results: dict, outputs: Outputs) -> list:
     """AlignProp vs DDPO at equal samples (proxy, then gold reward); full-chain vs K = 1 memory and time."""
-    done, c = results.done, results.costs
+    def reward(arm: str, which: str, text: str):
+        at_end = {a: per_seed(outputs.tables["curves"], f"{which}_reward", arm=a, samples=cfg.samples)
+                  for a in (arm, "ddpo")}
+        return compare(text, f"{which} reward at the end of the budget", at_end[arm], at_end["ddpo"], margin=0.05,
+                       why=REWARD_MARGIN)
+
+    mb, cpu = ({name: {int(seed): cost[key] for seed, cost in by_seed.items()}
+                for name, by_seed in results["costs"].items()} for key in ("peak_mb", "cpu_seconds"))
     methods = [arm for arm in cfg.arms if arm != "ddpo"]
-    found = [compare(f"AlignProp ({arm}) reaches a higher proxy reward than DDPO with the same {cfg.samples} samples",
-                     "proxy reward at the end of the budget", final(cfg, done, arm, "proxy_reward"),
-                     final(cfg, done, "ddpo", "proxy_reward")) for arm in methods]
-    found += [compare(f"AlignProp ({arm}) also reaches a higher gold (held-out classifier) reward than DDPO",
-                      "gold reward at the end of the budget", final(cfg, done, arm, "gold_reward"),
-                      final(cfg, done, "ddpo", "gold_reward")) for arm in methods]
-    memory_ratio = c["full"]["peak_mb"] / max(c["k1"]["peak_mb"], 1e-9)
-    return found + [
-        compare("full-chain reward backprop needs more peak memory than K = 1 (both checkpointed)",
-                f"peak memory growth of one update, MiB (ratio {memory_ratio:.2f})",
-                [c["full"]["peak_mb"]], [c["k1"]["peak_mb"]]),
-        compare("full-chain reward backprop takes more time per update than K = 1",
-                f"CPU seconds per update (ratio {c['full']['cpu_seconds'] / c['k1']['cpu_seconds']:.2f})",
-                [c["full"]["cpu_seconds"]], [c["k1"]["cpu_seconds"]]),
-        compare("gradient checkpointing lowers the peak memory of full-chain backprop",
-                "peak memory growth, MiB: full chain without (method) vs with checkpointing",
-                [c["full_no_checkpointing"]["peak_mb"]], [c["full"]["peak_mb"]])]
+    return [*(reward(arm, "proxy", f"AlignProp ({arm}) reaches a higher proxy reward than DDPO with the same "
+                                   f"{cfg.samples} samples") for arm in methods),
+            *(reward(arm, "gold", f"AlignProp ({arm}) also reaches a higher gold (held-out classifier) reward than "
+                                  "DDPO") for arm in methods),
+            compare("full-chain reward backprop needs more peak memory than K = 1 (both checkpointed)",
+                    f"peak memory growth of one update, MiB (ratio {ratio(mb['full'], mb['k1']):.2f})", mb["full"],
+                    mb["k1"], margin=1.0, why=MEMORY_MARGIN),
+            compare("full-chain reward backprop takes more time per update than K = 1",
+                    f"CPU seconds per update (ratio {ratio(cpu['full'], cpu['k1']):.2f})", cpu["full"], cpu["k1"],
+                    margin=0.1, why="0.1 CPU s, about 15% of a K = 1 update here; less is within CPU-time jitter"),
+            compare("gradient checkpointing lowers the peak memory of full-chain backprop",
+                    "peak memory growth, MiB: full chain without (method) vs with checkpointing",
+                    mb["full_no_checkpointing"], mb["full"], margin=1.0, why=MEMORY_MARGIN)]
+
+
+def ratio(method: dict, baseline: dict) -> float:
+    """The ratio of the arms' means over the seeds."""
+    return float(np.mean([*method.values()]) / max(np.mean([*baseline.values()]), 1e-9))
 
 
 PIPELINE = Pipeline(
@@ -355,6 +360,6 @@ PIPELINE = Pipeline(
         "quick": {"gen_epochs": 20, "judge_epochs": 20, "num_inference_steps": 10, "samples": 480, "eval_every": 96,
                   "arms": ["k1", "full", "ddpo"], "seeds": 2},
         "full": {"gen_epochs": 80, "judge_epochs": 30, "num_inference_steps": 20, "samples": 3200, "eval_every": 320,
-                 "arms": ["k1", "uniform", "full", "ddpo"], "seeds": 3},
+                 "arms": ["k1", "uniform", "full", "ddpo"], "seeds": 5},
     },
 )

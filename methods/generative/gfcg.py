@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from methods.generative.evaluation import balanced_labels, load_evaluation, plot_sample_rows
 from methods.generative.guidance import GradientFreeClassifierGuidance, guided_predictor
 from methods.generative.pretrain import GenerativeConfig, generator_spec, judge_spec, load_generator, pretrained
-from pipelines.claims import compare
+from pipelines.claims import compare, per_seed
 from pipelines.pipeline import Outputs, Pipeline, Stage
 from pipelines.results import columns, group_means, subplots
 
@@ -58,8 +58,7 @@ class GFCGConfig(GenerativeConfig):
 
 DEVIATIONS = [
     "GFCG's reference-class rule and scale function are the platform's reconstruction (c_ref = most probable "
-    "other class of the classifier on the conditional x̂₀; s_t = s_max·min(1, (p_ref/p_c)^γ) or "
-    "s_max·(1 − p_c)); "
+    "other class of the classifier on the conditional x̂₀; s_t = s_max·min(1, (p_ref/p_c)^γ) or s_max·(1 − p_c)); "
     "the paper's own equations could not be read offline (only its abstract and summary)",
     "data: sklearn digits 8×8 instead of ImageNet 512×512; a small UNet2DModel DDPM instead of EDM2; DDIM sampling",
     "GFCG classifier: the proxy CNN trained on clean digits (not noise-aware), applied to x̂₀",
@@ -130,25 +129,20 @@ def execute(cfg: GFCGConfig, stage: Stage) -> list[dict]:
     return [result for job in ray.get(jobs) for result in job]
 
 
-def per_seed(results: list[dict], arm: str, metric: str) -> np.ndarray:
-    return np.array([r[metric] for r in sorted(results, key=lambda r: r["seed"]) if r["arm"] == arm])
-
-
-def cfg_matched_recall(results: list[dict], cfg: GFCGConfig, arm: str, min_scale: float) -> np.ndarray:
+def cfg_matched_recall(results: list[dict], cfg: GFCGConfig, arm: str, min_scale: float) -> dict[int, float]:
     """Per seed: the recall at which raising the CFG scale from ``min_scale`` (1 = cond) first
     reaches ``arm``'s class precision.
 
     Linear in class precision between consecutive scales; beyond the curve, the recall of its most
     precise point (the smallest such scale), which favours CFG.
     """
-    curve = [("cond", 1.0)] + [(f"cfg@{w:g}", w) for w in sorted(cfg.cfg_scales)]
-    curve = [name for name, w in curve if w >= min_scale]
-    out = []
-    for i, target in enumerate(per_seed(results, arm, "class_precision")):
-        prec = [per_seed(results, name, "class_precision")[i] for name in curve]
-        rec = [per_seed(results, name, "recall")[i] for name in curve]
-        out.append(first_crossing(target, prec, rec))
-    return np.array(out)
+    table = columns(results, ["arm", "seed", "class_precision", "recall"])
+    curve = [name for name, w in [("cond", 1.0), *((f"cfg@{w:g}", w) for w in sorted(cfg.cfg_scales))]
+             if w >= min_scale]
+    prec, rec = ({name: per_seed(table, metric, arm=name) for name in curve}
+                 for metric in ("class_precision", "recall"))
+    return {seed: first_crossing(target, [prec[name][seed] for name in curve], [rec[name][seed] for name in curve])
+            for seed, target in per_seed(table, "class_precision", arm=arm).items()}
 
 
 def first_crossing(target: float, prec: list[float], rec: list[float]) -> float:
@@ -164,9 +158,9 @@ def first_crossing(target: float, prec: list[float], rec: list[float]) -> float:
 
 def plot_precision_recall(summary: dict[str, dict[str, float]], cfg: GFCGConfig):
     fig, axes = subplots(1, 2, figsize=(11, 4.5))
+    curve = ["cond"] + [f"cfg@{w:g}" for w in cfg.cfg_scales]
     for ax, y, label in ((axes[0], "class_precision", "class precision (gold classifier)"),
                          (axes[1], "precision", "k-NN precision (gold features)")):
-        curve = ["cond"] + [f"cfg@{w:g}" for w in cfg.cfg_scales]
         ax.plot([summary[a]["recall"] for a in curve], [summary[a][y] for a in curve], "k--", lw=1, label="CFG curve")
         for name, row in summary.items():
             ax.scatter(row["recall"], row[y], marker="*" if "gfcg" in name else "o", s=70)
@@ -187,29 +181,37 @@ def outputs(cfg: GFCGConfig, results: list[dict]) -> Outputs:
                             "samples.png": plot_sample_rows(first_seed, row_height=0.7)})
 
 
+PRECISION_MARGIN = "one point of class precision; the paper's gains are several points"
+FD_MARGIN = "1 unit of Fréchet distance, under a tenth of the conditional model's: a visible change in fidelity"
+
+
 def claims(cfg: GFCGConfig, results: list[dict], outputs: Outputs) -> list:
     """GFCG vs the same base without it (class precision), and recall vs CFG at matched class precision."""
-    w0 = f"cfg@{cfg.combo_cfg_scale:g}"
+    table, w0 = outputs.tables["results"], f"cfg@{cfg.combo_cfg_scale:g}"
 
     def gain(arm: str, base: str):
         return compare(f"GFCG raises class precision over the same base without it ({base} → {arm})",
-                       "class precision (gold classifier)", per_seed(results, arm, "class_precision"),
-                       per_seed(results, base, "class_precision"))
+                       "class precision (gold classifier)", per_seed(table, "class_precision", arm=arm),
+                       per_seed(table, "class_precision", arm=base), margin=0.01, why=PRECISION_MARGIN,
+                       trials=10 * cfg.samples_per_class)
 
     def recall(arm: str, min_scale: float):
         return compare(f"{arm} loses no more recall than raising the CFG scale (≥ {min_scale:g}) to the same "
                        "class precision", "k-NN recall: GFCG arm vs the CFG curve interpolated at its class precision",
-                       per_seed(results, arm, "recall"), cfg_matched_recall(results, cfg, arm, min_scale))
+                       per_seed(table, "recall", arm=arm), cfg_matched_recall(results, cfg, arm, min_scale),
+                       margin=-0.01, why="non-inferiority ('no more recall lost'): not worse by over one recall point")
+
+    def lower_fd(text: str, metric: str, arm: str, base: str):
+        return compare(text, metric, per_seed(table, "frechet_distance", arm=arm),
+                       per_seed(table, "frechet_distance", arm=base), margin=1.0, why=FD_MARGIN,
+                       higher_is_better=False)
 
     return [gain("gfcg", "cond"), gain(f"{w0}+gfcg", w0), gain("atg+gfcg", "atg"), recall("gfcg", 1.0),
             recall(f"{w0}+gfcg", cfg.combo_cfg_scale),
-            compare("ATG+GFCG has a lower Fréchet distance than ATG alone (paper: better fidelity with ATG)",
-                    "Fréchet distance (gold features)", per_seed(results, "atg+gfcg", "frechet_distance"),
-                    per_seed(results, "atg", "frechet_distance"), higher_is_better=False),
-            compare("check of the ATG baseline: autoguidance lowers the Fréchet distance of the conditional model "
-                    "(Karras et al.)", "Fréchet distance (gold features): atg vs cond",
-                    per_seed(results, "atg", "frechet_distance"), per_seed(results, "cond", "frechet_distance"),
-                    higher_is_better=False)]
+            lower_fd("ATG+GFCG has a lower Fréchet distance than ATG alone (paper: better fidelity with ATG)",
+                     "Fréchet distance (gold features)", "atg+gfcg", "atg"),
+            lower_fd("check of the ATG baseline: autoguidance lowers the Fréchet distance of the conditional model "
+                     "(Karras et al.)", "Fréchet distance (gold features): atg vs cond", "atg", "cond")]
 
 
 PIPELINE = Pipeline(
@@ -227,6 +229,6 @@ PIPELINE = Pipeline(
     sweep_mode="min",
     profiles={
         "quick": {"gen_epochs": 20, "weak_epochs": 5, "judge_epochs": 20, "samples_per_class": 30, "seeds": 2},
-        "full": {"gen_epochs": 80, "weak_epochs": 15, "judge_epochs": 30, "samples_per_class": 100, "seeds": 3},
+        "full": {"gen_epochs": 80, "weak_epochs": 15, "judge_epochs": 30, "samples_per_class": 100, "seeds": 5},
     },
 )

@@ -34,7 +34,7 @@ from methods.language_models.memorization import memorization_scores
 from methods.language_models.tokenizer import load_tokenizer, train_bpe_tokenizer
 from methods.language_models.unlearning_losses import METHODS, USES_RETAIN, Method, forget_loss, retain_loss
 from pipelines import train
-from pipelines.claims import compare
+from pipelines.claims import compare, per_seed
 from pipelines.pipeline import Outputs, Pipeline, Stage
 from pipelines.results import columns, group_means, subplots
 from pipelines.units import Unit, Work, no_steps, run_units, unit_key
@@ -103,16 +103,10 @@ def prepare(cfg: CodeEraserConfig, stage: Stage) -> dict:
             "model_dir": str(model_dir)}
 
 
-# --- metrics -------------------------------------------------------------------------------------
-
-
 def secret_items(rows: dict[str, torch.Tensor]) -> list[tuple[list[int], list[int]]]:
     """(secret prefix c, secret s) per row: the tokens before the first s_t = 1, and the s_t = 1 tokens."""
-    items = []
-    for ids, secret in zip(rows["input_ids"], rows["secret_mask"]):
-        where = secret.nonzero().flatten()
-        items.append((ids[: where[0]].tolist(), ids[where].tolist()))
-    return items
+    return [(ids[: secret.nonzero()[0, 0]].tolist(), ids[secret].tolist())
+            for ids, secret in zip(rows["input_ids"], rows["secret_mask"])]
 
 
 def file_items(rows: dict[str, torch.Tensor], window: int) -> list[tuple[list[int], list[int]]]:
@@ -155,15 +149,20 @@ def evaluate(model, forget: dict, retain: dict, heldout: dict, window: int) -> d
             "heldout_acc": acc, "heldout_ppl": ppl}
 
 
-# --- unlearning on Ray Train ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """A unit of the plan at ``seed``: the original model's metrics (``method`` None) or an unlearning run."""
+
+    seed: int
+    method: Method | None = None
+
+    @property
+    def key(self) -> str:
+        return unit_key(("original", self.seed) if self.method is None else ("unlearn", self.method, self.seed))
 
 
-def plan(cfg: CodeEraserConfig, methods: list[str]) -> list[tuple]:
-    return [u for seed in cfg.seed_range() for u in [("original", seed)] + [("unlearn", m, seed) for m in methods]]
-
-
-def forget_index(cfg: CodeEraserConfig, seed: int) -> torch.Tensor:
-    return torch.randperm(cfg.n_secret, generator=torch.Generator().manual_seed(seed))[: cfg.forget_size]
+def plan(cfg: CodeEraserConfig, methods: list[str]) -> list[Run]:
+    return [run for seed in cfg.seed_range() for run in [Run(seed), *(Run(seed, m) for m in methods)]]
 
 
 class EarlyStopping:
@@ -205,8 +204,9 @@ def unlearn_loop(config: dict) -> None:
     data = config["data"]
     original = load_lm(config["model_dir"]).to(session.device).requires_grad_(False)
 
-    def forget_set(seed: int) -> dict[str, torch.Tensor]:
-        return subset(data["secret_pool"], forget_index(cfg, seed))
+    def forget_set(seed: int) -> dict[str, torch.Tensor]:  # D_f: forget_size of the n_secret files
+        order = torch.randperm(cfg.n_secret, generator=torch.Generator().manual_seed(seed))
+        return subset(data["secret_pool"], order[: cfg.forget_size])
 
     def evaluated(model, seed: int) -> dict[str, float]:
         return evaluate(model, forget_set(seed), data["retain"], data["heldout"], cfg.el_window)
@@ -245,25 +245,21 @@ def unlearn_loop(config: dict) -> None:
                 "epochs_run": work.epochs_run, "seconds": work.elapsed,
                 "seconds_per_sample": work.elapsed / cfg.forget_size}
 
-    units = [Unit("thresholds", 0, lambda done: Work(), no_steps,
-                  lambda work, done: thresholds(original, data["heldout"], cfg.el_window))]
-    for unit in plan(cfg, config["methods"]):
-        seed = unit[-1]
-        if unit[0] == "original":
-            units.append(Unit(unit_key(unit), 0, lambda done: Work(), no_steps,
-                              lambda work, done, s=seed: evaluated(original, s)))
-        else:
-            units.append(Unit(unit_key(unit), cfg.max_epochs, lambda done, s=seed: start(done, s),
-                              lambda work, i, m=unit[1]: epoch(work, i, m),
-                              lambda work, done, s=seed: unlearned(work, s),
-                              stop=lambda work: work.stopped, step_name="epoch"))
-    run_units(session, units)
+    def unit(run: Run) -> Unit:
+        if run.method is None:
+            return Unit(run.key, 0, lambda done: Work(), no_steps, lambda work, done: evaluated(original, run.seed))
+        return Unit(run.key, cfg.max_epochs, lambda done: start(done, run.seed),
+                    lambda work, i: epoch(work, i, run.method), lambda work, done: unlearned(work, run.seed),
+                    stop=lambda work: work.stopped, step_name="epoch")
+
+    run_units(session, [Unit("thresholds", 0, lambda done: Work(), no_steps,
+                             lambda work, done: thresholds(original, data["heldout"], cfg.el_window)),
+                        *(unit(run) for run in plan(cfg, config["methods"]))])
 
 
 def unlearning_epoch(model, reference, method: str, forget: dict, retain: dict, optimizer,
                      cfg: CodeEraserConfig) -> None:
     """One step on the forget set, then (cu, code_eraser) one step on the retain set."""
-    needs_ref = method in ("cu", "code_eraser")
     steps = [(forget, lambda lg, ref: forget_loss(method, lg, ref, forget, cfg.gamma, cfg.lam))]
     if USES_RETAIN[method]:
         steps.append((retain, lambda lg, ref: retain_loss(lg, ref, retain, cfg.lam, cfg.alpha)))
@@ -271,9 +267,9 @@ def unlearning_epoch(model, reference, method: str, forget: dict, retain: dict, 
     for rows, objective in steps:
         optimizer.zero_grad(set_to_none=True)
         logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
-        with torch.no_grad():
+        with torch.no_grad():  # cu and code_eraser (the methods with a retain step) use the reference logits
             ref = (reference(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
-                   if needs_ref else None)
+                   if USES_RETAIN[method] else None)
         objective(logits, ref).backward()
         optimizer.step()
 
@@ -289,11 +285,10 @@ class Results:
 def execute(cfg: CodeEraserConfig, stage: Stage) -> Results:
     """The plan on Ray Train with ``method``; a claim check runs all four methods on the same LM and forget sets."""
     methods = list(METHODS) if stage.claims else [cfg.method]
-    inputs = prepare(cfg, stage)
-    stage.log(f"{len(plan(cfg, methods))} units (original + unlearning per seed) on Ray Train")
+    inputs, runs = prepare(cfg, stage), plan(cfg, methods)
+    stage.log(f"{len(runs)} units (original + unlearning per seed) on Ray Train")
     done = stage.fit(unlearn_loop, {"cfg": cfg.model_dump(), "methods": methods, **inputs}, cfg)["done"]
-    table = columns([{"method": "original" if unit[0] == "original" else unit[1], "seed": unit[-1],
-                      **done[unit_key(unit)]} for unit in plan(cfg, methods)])
+    table = columns([{"method": run.method or "original", "seed": run.seed, **done[run.key]} for run in runs])
     table["forgotten"] = table["secret_ma"] < done["thresholds"]["ma"]
     return Results(table, done["thresholds"])
 
@@ -323,31 +318,35 @@ def outputs(cfg: CodeEraserConfig, results: Results) -> Outputs:
 
 
 def claims(cfg: CodeEraserConfig, results: Results, outputs: Outputs) -> list:
-    """Utility kept (retain MA, held-out perplexity, context accuracy) vs GA / CU, and each method vs τ_MA."""
+    """Utility kept (retain MA, held-out perplexity, context accuracy) vs GA / CU, and each method vs τ_MA,
+    paired by seed (the same LM and forget set)."""
     table, tau = results.table, results.thresholds
 
-    def col(method: str, name: str) -> np.ndarray:
-        return table[name][table["method"] == method]
+    def change(method: str, name: str, log: bool = False) -> dict:  # |change| from the original model, per seed
+        before, after = per_seed(table, name, method="original"), per_seed(table, name, method=method)
+        return {s: abs(np.log(after[s] / before[s])) if log else abs(before[s] - after[s]) for s in before}
 
-    def drop(method: str, name: str) -> np.ndarray:  # change relative to the original model, per seed
-        return np.abs(col("original", name) - col(method, name))
-
-    def log_ppl_change(method: str) -> np.ndarray:
-        return np.abs(np.log(col(method, "heldout_ppl") / col("original", "heldout_ppl")))
-
+    point = "one point of a token-level accuracy"
     found = [compare(f"CodeEraser keeps retain-set memorization closer to the original model than {b.upper()}",
-                     "|ΔMA| on the retain set vs the original (lower is better)",
-                     drop("code_eraser", "retain_ma"), drop(b, "retain_ma"), higher_is_better=False)
-             for b in ("ga", "cu")]
+                     "|ΔMA| on the retain set vs the original (lower is better; rule: ≥ 0.01 lower)",
+                     change("code_eraser", "retain_ma"), change(b, "retain_ma"), higher_is_better=False,
+                     margin=0.01, why=point) for b in ("ga", "cu")]
     found += [compare(f"CodeEraser keeps held-out perplexity closer to the original model than {b.upper()}",
-                      "|Δ log perplexity| on held-out files (lower is better)",
-                      log_ppl_change("code_eraser"), log_ppl_change(b), higher_is_better=False) for b in ("ga", "cu")]
+                      "|Δ log perplexity| on held-out files (lower is better; rule: ≥ 0.05 lower)",
+                      change("code_eraser", "heldout_ppl", log=True), change(b, "heldout_ppl", log=True),
+                      higher_is_better=False, margin=0.05, why="a 5% perplexity change, the least that shows in "
+                      "a code LM's utility") for b in ("ga", "cu")]
     found.append(compare("CodeEraser keeps the non-secret context of the forgotten files better than GA",
-                         "|Δ next-token accuracy| on the non-secret tokens of D_f (lower is better)",
-                         drop("code_eraser", "context_acc"), drop("ga", "context_acc"), higher_is_better=False))
+                         "|Δ next-token accuracy| on the non-secret tokens of D_f (lower is better; "
+                         "rule: ≥ 0.01 lower)",
+                         change("code_eraser", "context_acc"), change("ga", "context_acc"), higher_is_better=False,
+                         margin=0.01, why=point))
     found += [compare(f"{method} pushes secret MA below the forgotten threshold τ_MA",
                       f"secret MA on D_f (baseline: τ_MA = held-out MA of the original = {tau['ma']:.3f})",
-                      col(method, "secret_ma"), [tau["ma"]], higher_is_better=False) for method in METHODS]
+                      per_seed(table, "secret_ma", method=method), tau["ma"], higher_is_better=False, margin=0.0,
+                      trials=cfg.forget_size, why="the paper's criterion: forgotten once MA < τ_MA, by any amount; "
+                      "each file's MA lies in [0, 1], so p(1 − p)/|D_f| bounds its mean's variance")
+              for method in METHODS]
     return found
 
 

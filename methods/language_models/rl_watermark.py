@@ -36,7 +36,7 @@ from methods.language_models.tiny_lm import generate, pad_rows, strip_generated,
 from methods.language_models.tokenizer import load_tokenizer, train_bpe_tokenizer
 from methods.language_models.watermarks import KGWWatermark
 from pipelines import train
-from pipelines.claims import compare
+from pipelines.claims import compare, per_seed
 from pipelines.pipeline import Outputs, Pipeline, Stage
 from pipelines.results import columns, group_means, subplots
 from pipelines.units import Unit, Work, no_steps, run_units, unit_key, unit_seed
@@ -100,9 +100,6 @@ DEVIATIONS = [
     "δ = 0.4 instead of 0.13: the tiny LM's top logits are ≈ 5 (Llama's ≈ 20+), so 0.4 gives the top green "
     "tokens about KGW's +2",
 ]
-
-
-# --- data and models -----------------------------------------------------------------------------
 
 
 def prepare(cfg: RLWatermarkConfig, stage: Stage) -> dict:
@@ -200,17 +197,13 @@ def rewards(s: dict[str, torch.Tensor], frac: torch.Tensor, reg_weight: float) -
 def watermarked_generation(lm, policy, prompts: torch.Tensor, cfg: RLWatermarkConfig, seed: int, tokenizer
                            ) -> list[list[int]]:
     wm = LearnedSplitWatermark(policy, prompts.shape[1], cfg.delta, cfg.alpha, cfg.measure_threshold)
-    out = generate(lm, prompts, cfg.continuation_tokens, do_sample=True, top_p=cfg.top_p, logits_processors=[wm],
-                   seed=seed)
-    return continuations(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return continuations(generate(lm, prompts, cfg.continuation_tokens, do_sample=True, top_p=cfg.top_p,
+                                  logits_processors=[wm], seed=seed), tokenizer.eos_token_id, tokenizer.pad_token_id)
 
 
 def continuations(generated: torch.Tensor, eos: int, pad: int) -> list[list[int]]:
     """Generated rows up to their EOS, pads removed; an empty row becomes [EOS] (every text scores ≥ 1 token)."""
     return [strip_generated(row, eos, pad) or [eos] for row in generated.tolist()]
-
-
-# --- GRPO on Ray Train ---------------------------------------------------------------------------
 
 
 def grpo_step(lm, policy, optimizer, tokenizer, prompts: torch.Tensor, human: torch.Tensor, cfg: RLWatermarkConfig,
@@ -234,8 +227,7 @@ def grpo_step(lm, policy, optimizer, tokenizer, prompts: torch.Tensor, human: to
         old = policy_logprobs(wm_texts.lm_logits, green[:n], wm_texts.ids, wm_texts.continuation, cfg.delta,
                               cfg.alpha, cfg.measure_threshold)
     policy.train()
-    chunks = torch.arange(len(prompts)).chunk(min(cfg.minibatches, len(prompts)))
-    for chunk in chunks:
+    for chunk in torch.arange(len(prompts)).chunk(min(cfg.minibatches, len(prompts))):
         rows = torch.cat([torch.arange(p * group, (p + 1) * group) for p in chunk.tolist()])
         m = len(rows)
         sub = texts.rows(torch.cat([rows + i * n for i in range(len(TEXTS))]))
@@ -255,9 +247,24 @@ def grpo_step(lm, policy, optimizer, tokenizer, prompts: torch.Tensor, human: to
             "green_fraction": float(frac_all[:n].mean()), **{f"s_{k}": float(v.mean()) for k, v in s.items()}}
 
 
-def plan(cfg: RLWatermarkConfig, reg_weights: list[float]) -> list[tuple]:
-    return [u for seed in cfg.seed_range()
-            for u in [("kgw", seed)] + [("rl", seed, w) for w in reg_weights]]
+@dataclass(frozen=True)
+class Run:
+    """A unit of the plan at ``seed``: the KGW baseline (``reg_weight`` None) or GRPO with λ = ``reg_weight``."""
+
+    seed: int
+    reg_weight: float | None = None
+
+    @property
+    def key(self) -> str:
+        return unit_key(("kgw", self.seed) if self.reg_weight is None else ("rl", self.seed, self.reg_weight))
+
+    @property
+    def arm(self) -> str:
+        return "kgw" if self.reg_weight is None else f"rl_reg{self.reg_weight:g}"
+
+
+def plan(cfg: RLWatermarkConfig, reg_weights: list[float]) -> list[Run]:
+    return [run for seed in cfg.seed_range() for run in [Run(seed), *(Run(seed, w) for w in reg_weights)]]
 
 
 def _seed(*parts) -> int:
@@ -269,7 +276,7 @@ def grpo_loop(config: dict) -> None:
     cfg = RLWatermarkConfig(**config["cfg"])
     session = train.WorkerSession(config)
     lm, tokenizer = load_lm(config["lm_dir"]), load_tokenizer(config["tokenizer_dir"])
-    data = config["data"]
+    train_set, eval_set = config["data"]["train"], config["data"]["eval"]
 
     def start(seed: int) -> Work:
         torch.manual_seed(_seed("encoder", seed))
@@ -277,46 +284,36 @@ def grpo_loop(config: dict) -> None:
         return Work(saved=("encoder", "optimizer", "history"), encoder=encoder,
                     optimizer=torch.optim.Adam(encoder.parameters(), lr=cfg.lr), ddp=train.prepare(encoder), history=[])
 
-    def iteration(work: Work, it: int, seed: int, reg_weight: float) -> dict:
-        idx = torch.randperm(len(data["train"]["prompt"]), generator=torch.Generator().manual_seed(_seed(seed, it)))
+    def iteration(work: Work, it: int, run: Run) -> dict:
+        idx = torch.randperm(len(train_set["prompt"]), generator=torch.Generator().manual_seed(_seed(run.seed, it)))
         idx = idx[: cfg.batch_prompts][session.rank :: session.world_size]
-        stats = grpo_step(lm, work.ddp, work.optimizer, tokenizer, data["train"]["prompt"][idx],
-                          data["train"]["human"][idx], cfg, _seed(seed, it, session.rank), reg_weight)
+        stats = grpo_step(lm, work.ddp, work.optimizer, tokenizer, train_set["prompt"][idx], train_set["human"][idx],
+                          cfg, _seed(run.seed, it, session.rank), run.reg_weight)
         work.history.append(stats)
         return {"iteration": it + 1, **stats}
 
-    def trained(work: Work, seed: int) -> dict:
-        return {**evaluate_rl(lm, tokenizer, work.encoder, data["eval"], cfg, seed), "history": work.history}
+    def unit(run: Run) -> Unit:
+        if run.reg_weight is None:
+            return Unit(run.key, 0, lambda done: Work(), no_steps,
+                        lambda work, done: evaluate_kgw(lm, tokenizer, eval_set, cfg, run.seed))
+        return Unit(run.key, cfg.iterations, lambda done: start(run.seed), lambda work, it: iteration(work, it, run),
+                    lambda work, done: {**evaluate_rl(lm, tokenizer, work.encoder, eval_set, cfg, run.seed),
+                                        "history": work.history}, step_name="iteration")
 
-    units = []
-    for unit in plan(cfg, config["reg_weights"]):
-        seed = unit[1]
-        if unit[0] == "kgw":
-            units.append(Unit(unit_key(unit), 0, lambda done: Work(), no_steps,
-                              lambda work, done, s=seed: evaluate_kgw(lm, tokenizer, data["eval"], cfg, s)))
-        else:
-            units.append(Unit(unit_key(unit), cfg.iterations, lambda done, s=seed: start(s),
-                              lambda work, it, s=seed, w=unit[2]: iteration(work, it, s, w),
-                              lambda work, done, s=seed: trained(work, s), step_name="iteration"))
-    run_units(session, units)
+    run_units(session, [unit(run) for run in plan(cfg, config["reg_weights"])])
 
 
-# --- evaluation ----------------------------------------------------------------------------------
-
-
-def auc(negative, positive) -> float:
+def detection_metrics(scores: torch.Tensor, n: int) -> dict[str, float]:
+    """AUC of human ('orig') vs each text kind of the TEXTS blocks of ``scores``, TPR at the empirical 1% FPR
+    threshold of human texts."""
     from sklearn.metrics import roc_auc_score
 
-    return float(roc_auc_score([0] * len(negative) + [1] * len(positive), list(negative) + list(positive)))
-
-
-def detection_metrics(scores: dict[str, list[float]]) -> dict[str, float]:
-    """AUC of human ('orig') vs each text kind, TPR at the empirical 1% FPR threshold of human texts."""
-    human = np.asarray(scores["orig"])
-    threshold = np.quantile(human, 0.99)
-    out = {f"auc_{k}": auc(human, scores[k]) for k in ("wm", *ATTACKS)}
+    s = {k: v.tolist() for k, v in blocks(scores, n).items()}
+    threshold = np.quantile(np.asarray(s["orig"]), 0.99)
+    out = {f"auc_{k}": float(roc_auc_score([0] * len(s["orig"]) + [1] * len(s[k]), s["orig"] + s[k]))
+           for k in ("wm", *ATTACKS)}
     out["auc_spoof"] = float(np.mean([out["auc_senti"], out["auc_latter"], out["auc_hate"]]))
-    out.update({f"tpr_{k}": float((np.asarray(scores[k]) > threshold).mean()) for k in ("wm", *ATTACKS)})
+    out.update({f"tpr_{k}": float((np.asarray(s[k]) > threshold).mean()) for k in ("wm", *ATTACKS)})
     return out
 
 
@@ -336,10 +333,9 @@ def evaluate_rl(lm, tokenizer, encoder: SplitEncoder, data: dict, cfg: RLWaterma
     encoder.eval()
     wm = watermarked_generation(lm, encoder, data["prompt"], cfg, _seed("eval", seed), tokenizer)
     texts = all_texts(lm, tokenizer, data["prompt"], wm, data["human"], cfg, _seed("attack", seed))
-    n = len(wm)
     s, frac, _ = split_scores(encoder, texts)
-    return {**detection_metrics({k: v.tolist() for k, v in blocks(s, n).items()}),
-            "green_fraction_human": float(blocks(frac, n)["orig"].mean()), "green_fraction_wm": float(frac[:n].mean()),
+    return {**detection_metrics(s, len(wm)), "green_fraction_human": float(blocks(frac, len(wm))["orig"].mean()),
+            "green_fraction_wm": float(frac[: len(wm)].mean()),
             "ppl_wm": perplexity(lm, data["prompt"], wm, tokenizer.pad_token_id)}
 
 
@@ -354,15 +350,11 @@ def evaluate_kgw(lm, tokenizer, data: dict, cfg: RLWatermarkConfig, seed: int) -
         seed=_seed(name, seed)), eos, pad)
     wm, plain = sample([kgw], "eval"), sample([], "plain")
     texts = all_texts(lm, tokenizer, prompts, wm, data["human"], cfg, _seed("attack", seed))
-    p, n = prompts.shape[1], len(wm)
-    z = [kgw.detect(row[: int(cont.sum()) + p].tolist(), first_scored=p).z_score
+    z = [kgw.detect(row[: int(cont.sum()) + prompts.shape[1]].tolist(), first_scored=prompts.shape[1]).z_score
          for row, cont in zip(texts.ids, texts.continuation)]
-    return {**detection_metrics({k: v.tolist() for k, v in blocks(torch.tensor(z), n).items()}),
-            "green_fraction_human": cfg.kgw_gamma, "green_fraction_wm": cfg.kgw_gamma,
-            "ppl_wm": perplexity(lm, prompts, wm, pad), "ppl_plain": perplexity(lm, prompts, plain, pad)}
-
-
-# --- driver --------------------------------------------------------------------------------------
+    return {**detection_metrics(torch.tensor(z), len(wm)), "green_fraction_human": cfg.kgw_gamma,
+            "green_fraction_wm": cfg.kgw_gamma, "ppl_wm": perplexity(lm, prompts, wm, pad),
+            "ppl_plain": perplexity(lm, prompts, plain, pad)}
 
 
 @dataclass(frozen=True)
@@ -376,38 +368,32 @@ class Results:
 def execute(cfg: RLWatermarkConfig, stage: Stage) -> Results:
     """KGW and GRPO with ``reg_weight`` on Ray Train; a claim check runs GRPO with and without the regulariser."""
     reg_weights = [cfg.reg_weight or 1.0, 0.0] if stage.claims else [cfg.reg_weight]
-    inputs = prepare(cfg, stage)
-    stage.log(f"{len(plan(cfg, reg_weights))} units (KGW baseline + GRPO runs per seed) on Ray Train")
+    inputs, runs = prepare(cfg, stage), plan(cfg, reg_weights)
+    stage.log(f"{len(runs)} units (KGW baseline + GRPO runs per seed) on Ray Train")
     done = stage.fit(grpo_loop, {"cfg": cfg.model_dump(), "reg_weights": reg_weights, **inputs}, cfg)["done"]
-    arm = lambda unit: "kgw" if unit[0] == "kgw" else f"rl_reg{unit[2]:g}"  # noqa: E731
-    units = plan(cfg, reg_weights)
-    table = columns([{"arm": arm(unit), "seed": unit[1], **{k: v for k, v in done[unit_key(unit)].items()
-                                                            if k != "history"}} for unit in units])
-    history = columns([{"arm": arm(unit), "seed": unit[1], "iteration": it + 1, **stats} for unit in units
-                       for it, stats in enumerate(done[unit_key(unit)].get("history", []))])
+    table = columns([{"arm": run.arm, "seed": run.seed, **{k: v for k, v in done[run.key].items()
+                                                            if k != "history"}} for run in runs])
+    history = columns([{"arm": run.arm, "seed": run.seed, "iteration": it + 1, **stats} for run in runs
+                       for it, stats in enumerate(done[run.key].get("history", []))])
     return Results(table, history)
 
 
 def plot(table: dict, history: dict):
     fig, axes = subplots(1, 3, figsize=(15, 4), layout="constrained")
-    kinds = ["wm", "para", "senti", "latter", "hate"]
-    arms = list(dict.fromkeys(table["arm"]))
+    kinds, arms = ["wm", *ATTACKS], list(dict.fromkeys(table["arm"]))
     for j, arm in enumerate(arms):
-        rows = table["arm"] == arm
-        axes[0].bar(np.arange(len(kinds)) + j / (len(arms) + 1), [table[f"auc_{k}"][rows].mean() for k in kinds],
-                    width=1 / (len(arms) + 1), label=arm)
+        axes[0].bar(np.arange(len(kinds)) + j / (len(arms) + 1), [table[f"auc_{k}"][table["arm"] == arm].mean()
+                                                                  for k in kinds], width=1 / (len(arms) + 1), label=arm)
     axes[0].set_xticks(np.arange(len(kinds)) + 0.3, kinds)
     axes[0].set_ylabel("AUC vs human text (spoofs: lower = more secure)")
-    axes[0].legend(fontsize=8)
     for arm in dict.fromkeys(history["arm"]):
         rows = history["arm"] == arm
         for ax, key in ((axes[1], "reward"), (axes[2], "green_fraction")):
             ax.plot(history["iteration"][rows], history[key][rows], ".", alpha=0.6, label=arm)
-    axes[1].set_ylabel("GRPO reward (d1 + d2 − λ·reg)")
-    axes[2].set_ylabel("green fraction ĝ of the watermarked texts")
+    axes[1].set(xlabel="GRPO iteration", ylabel="GRPO reward (d1 + d2 − λ·reg)")
+    axes[2].set(xlabel="GRPO iteration", ylabel="green fraction ĝ of the watermarked texts")
     axes[2].axhline(0.5, color="k", ls="--", lw=1)
-    for ax in axes[1:]:
-        ax.set_xlabel("GRPO iteration")
+    for ax in axes:
         ax.legend(fontsize=8)
     fig.suptitle("RL watermark vs KGW: detection, robustness, spoofing; training curves")
     return fig
@@ -421,24 +407,31 @@ def outputs(cfg: RLWatermarkConfig, results: Results) -> Outputs:
 
 
 def claims(cfg: RLWatermarkConfig, results: Results, outputs: Outputs) -> list:
-    """RL split (with and without the regulariser) vs KGW on the same LM and prompts, over seeds."""
+    """RL split (with and without the regulariser) vs KGW on the same LM and prompts, paired by seed."""
     table, reg = results.table, cfg.reg_weight or 1.0
-
-    def col(arm: str, name: str) -> np.ndarray:
-        return table[name][table["arm"] == arm]
-
     rl, bare = f"rl_reg{reg:g}", "rl_reg0"
+
+    def arms(name: str) -> tuple[dict, dict]:
+        return per_seed(table, name, arm=rl), per_seed(table, name, arm="kgw")
+
+    def drift(arm: str) -> dict:
+        return {seed: abs(g - 0.5) for seed, g in per_seed(table, "green_fraction_wm", arm=arm).items()}
+
     return [
-        compare("the learned split resists spoofing better than KGW", "AUC human vs spoofed watermarked text "
-                "(mean of sentiment, latter-half sentiment and hate edits; lower = more secure)",
-                col(rl, "auc_spoof"), col("kgw", "auc_spoof"), higher_is_better=False),
+        compare("the learned split resists spoofing better than KGW", "AUC human vs spoofed watermarked text (mean "
+                "of sentiment, latter-half sentiment and hate edits; lower = more secure; rule: RL < KGW − 0.05)",
+                *arms("auc_spoof"), higher_is_better=False, margin=0.05,
+                why="0.05 AUC, a tenth of the way from a perfect detector (1) to chance (0.5)"),
         compare("the learned split is about as detectable as KGW", "AUC human vs watermarked text "
-                "(rule: RL > KGW − 0.1)", col(rl, "auc_wm"), col("kgw", "auc_wm"), margin=-0.1),
+                "(rule: RL > KGW − 0.1)", *arms("auc_wm"), margin=-0.1,
+                why="'about as detectable': not worse by more than 0.1 AUC, a fifth of the way to chance"),
         compare("the learned split is about as robust to paraphrase as KGW", "AUC human vs paraphrased watermarked "
-                "text (rule: RL > KGW − 0.1)", col(rl, "auc_para"), col("kgw", "auc_para"), margin=-0.1),
+                "text (rule: RL > KGW − 0.1)", *arms("auc_para"), margin=-0.1,
+                why="'about as robust': not worse by more than 0.1 AUC, a fifth of the way to chance"),
         compare("without the regulariser the green fraction drifts from ½ (reward hacking)",
-                "|ĝ − ½| of the watermarked texts: no regulariser (method) vs λ = %g (baseline)" % reg,
-                np.abs(col(bare, "green_fraction_wm") - 0.5), np.abs(col(rl, "green_fraction_wm") - 0.5)),
+                f"|ĝ − ½| of the watermarked texts: no regulariser (method) vs λ = {reg:g} (baseline); "
+                "rule: > baseline + 0.05", drift(bare), drift(rl), margin=0.05,
+                why="a tenth of the way from ½ to a collapsed split (ĝ = 0 or 1)"),
     ]
 
 
@@ -456,7 +449,7 @@ PIPELINE = Pipeline(
     sweep_mode="max",
     profiles={
         "quick": {"seeds": 2, "iterations": 60, "batch_prompts": 4, "group": 4, "n_eval": 32, "pretrain_epochs": 3},
-        "full": {"seeds": 3, "iterations": 200, "batch_prompts": 8, "group": 8, "n_train_prompts": 256,
+        "full": {"seeds": 5, "iterations": 200, "batch_prompts": 8, "group": 8, "n_train_prompts": 256,
                  "n_eval": 100, "pretrain_epochs": 8, "lm_layers": 2},
     },
 )

@@ -32,7 +32,7 @@ from methods.language_models.tiny_lm import generate, pad_rows, strip_generated
 from methods.language_models.tokenizer import load_tokenizer, train_word_tokenizer
 from methods.language_models.watermarks import GumbelWatermark, KGWWatermark
 from pipelines.cache import CacheEntry
-from pipelines.claims import compare
+from pipelines.claims import compare, per_seed
 from pipelines.errors import UserError
 from pipelines.pipeline import Outputs, Pipeline, Stage
 from pipelines.results import columns, subplots
@@ -151,10 +151,8 @@ def sample_condition(cfg_dump: dict, scheme: str, temperature: float, seed: int,
 def _detect(wm, prompt: list[int], response: list[int]) -> tuple[float, float]:
     if len(response) < 2:
         return 1.0, 0.0
-    if isinstance(wm, KGWWatermark):
-        d = wm.detect(prompt + response, first_scored=len(prompt), ignore_repeated_ngrams=True)
-    else:
-        d = wm.detect(prompt + response, first_scored=len(prompt))
+    unique = {"ignore_repeated_ngrams": True} if isinstance(wm, KGWWatermark) else {}
+    d = wm.detect(prompt + response, first_scored=len(prompt), **unique)
     return d.p_value, d.z_score
 
 
@@ -252,8 +250,9 @@ def plot(table: dict[str, np.ndarray], cfg: WatermarkARConfig):
         ns, temps = sorted(set(table["n"][table["scheme"] == s])), sorted(set(table["temperature"]))
         axes[1].plot(ns, [_mean(table, "reward", scheme=s, n=n) for n in ns], marker="o", label=s)
         axes[2].plot(temps, [_mean(table, "reward", scheme=s, n=1, temperature=t) for t in temps], marker="o", label=s)
-    axes[1].set_xlabel("n (AR draws)"), axes[1].set_ylabel("mean reward"), axes[1].legend(fontsize=8)
-    axes[2].set_xlabel("temperature"), axes[2].set_ylabel("mean reward (n = 1)")
+    axes[1].set(xlabel="n (AR draws)", ylabel="mean reward")
+    axes[1].legend(fontsize=8)
+    axes[2].set(xlabel="temperature", ylabel="mean reward (n = 1)")
     fig.suptitle("Watermarking vs alignment: class shares, AR reward vs n, reward vs temperature")
     return fig
 
@@ -299,50 +298,57 @@ def outputs(cfg: WatermarkARConfig, results: Results) -> Outputs:
                    metrics=metrics)
 
 
+REWARD_POINTS = "2 points of the reward model's P(aligned response), its smallest change worth reporting"
+
+
 def claims(cfg: WatermarkARConfig, results: Results, outputs: Outputs) -> list:
-    """Claims over seeds (temperatures averaged within a seed)."""
-    samples, table = results.samples, results.summary
-    seeds = cfg.seed_range()
+    """Claims paired by seed (temperatures averaged within a seed)."""
+    samples, table, top = results.samples, results.summary, cfg.max_n
+    trials = 2 * cfg.n_prompts * len(cfg.temperatures)  # responses behind a TPR per seed
 
-    def per_seed(col: str, scheme: str, n: int) -> np.ndarray:
-        return np.array([_mean(table, col, scheme=scheme, n=n, seed=s) for s in seeds])
+    def arm(col: str, scheme: str, n: int) -> dict:
+        return per_seed(table, col, scheme=scheme, n=n)
 
-    def tv(a: tuple, b: tuple, seed: int) -> float:
+    def tv(a: tuple, b: tuple) -> dict:
         """Total-variation distance between the judge classes of (scheme, draw) a and b, per prompt kind."""
-        return 0.25 * float(np.abs(_class_dist(samples, *a, seed) - _class_dist(samples, *b, seed)).sum())
+        return {s: 0.25 * float(np.abs(_class_dist(samples, *a, s) - _class_dist(samples, *b, s)).sum())
+                for s in cfg.seed_range()}
 
-    base = per_seed("reward", "none", 1)
+    def restores(scheme: str, claim: str, metric: str):
+        return compare(f"AR with n = {top} {claim} draws restores reward to at least the unwatermarked level",
+                       f"mean reward, {metric} AR n={top} (baseline: unwatermarked, n = 1); rule: > baseline − 0.02",
+                       arm("reward", scheme, top), base, margin=-0.02,
+                       why=f"'at least' the unwatermarked level: not lower by more than {REWARD_POINTS}")
+
+    def detects(scheme: str, claim: str, single: str):
+        return compare(f"AR keeps {claim} detection as strong as single {single}responses (TPR at {cfg.fpr:.0%} FPR)",
+                       f"share with p < {cfg.fpr}: AR n={top} (method) vs n = 1 (baseline); rule: > baseline − 0.05",
+                       arm("tpr", scheme, top), arm("tpr", scheme, 1), margin=-0.05, trials=trials,
+                       why="'as strong': not weaker by more than 5 points of TPR")
+
+    base = arm("reward", "none", 1)
     found = []
     if "kgw" in cfg.schemes:
         found += [
-            compare(f"AR with n = {cfg.max_n} KGW-watermarked draws restores reward to at least the unwatermarked "
-                    "level",
-                    f"mean reward, KGW AR n={cfg.max_n} (baseline: unwatermarked, n = 1)",
-                    per_seed("reward", "kgw", cfg.max_n), base),
-            compare("KGW watermarking lowers reward", "mean reward, KGW n = 1 (baseline: unwatermarked)",
-                    per_seed("reward", "kgw", 1), base, higher_is_better=False),
+            restores("kgw", "KGW-watermarked", "KGW"),
+            compare("KGW watermarking lowers reward", "mean reward, KGW n = 1 (baseline: unwatermarked); "
+                    "rule: ≥ 0.02 lower", arm("reward", "kgw", 1), base, higher_is_better=False, margin=0.02,
+                    why=REWARD_POINTS),
             compare("KGW watermarking shifts the response-class distribution beyond sampling noise",
-                    "TV distance of judge classes to unwatermarked (baseline: unwatermarked draw vs draw)",
-                    [tv(("kgw", 0), ("none", 0), s) for s in seeds], [tv(("none", 1), ("none", 0), s) for s in seeds]),
-            compare(f"AR keeps KGW detection as strong as single watermarked responses (TPR at {cfg.fpr:.0%} FPR)",
-                    f"share with p < {cfg.fpr}: AR n={cfg.max_n} (method) vs n = 1 (baseline); "
-                    "rule: > baseline − 0.05",
-                    per_seed("tpr", "kgw", cfg.max_n), per_seed("tpr", "kgw", 1), margin=-0.05)]
+                    "TV distance of judge classes to unwatermarked (baseline: unwatermarked draw vs draw); "
+                    "rule: ≥ 0.02 more", tv(("kgw", 0), ("none", 0)), tv(("none", 1), ("none", 0)), margin=0.02,
+                    why="2% of the responses changing class (about one response per prompt kind in the quick profile)"),
+            detects("kgw", "KGW", "watermarked ")]
     if {"gumbel", "gumbel_random"} <= set(cfg.schemes):
-        def gain(scheme: str) -> np.ndarray:
-            return per_seed("reward", scheme, cfg.max_n) - per_seed("reward", scheme, 1)
+        def gain(scheme: str) -> dict:
+            more, one = arm("reward", scheme, top), arm("reward", scheme, 1)
+            return {s: more[s] - one[s] for s in one}
         found += [
             compare("randomized Gumbel gains reward from AR, argmax Gumbel does not (identical draws)",
-                    f"reward gain AR n={cfg.max_n} − n=1: randomized (method) vs argmax Gumbel (baseline)",
-                    gain("gumbel_random"), gain("gumbel")),
-            compare(f"AR with n = {cfg.max_n} randomized-Gumbel draws restores reward to at least the "
-                    "unwatermarked level",
-                    f"mean reward, randomized Gumbel AR n={cfg.max_n} (baseline: unwatermarked, n = 1)",
-                    per_seed("reward", "gumbel_random", cfg.max_n), base),
-            compare(f"AR keeps randomized-Gumbel detection as strong as single responses (TPR at {cfg.fpr:.0%} FPR)",
-                    f"share with p < {cfg.fpr}: AR n={cfg.max_n} (method) vs n = 1 (baseline); "
-                    "rule: > baseline − 0.05",
-                    per_seed("tpr", "gumbel_random", cfg.max_n), per_seed("tpr", "gumbel_random", 1), margin=-0.05)]
+                    f"reward gain AR n={top} − n=1: randomized (method) vs argmax Gumbel (baseline); "
+                    "rule: ≥ 0.02 more", gain("gumbel_random"), gain("gumbel"), margin=0.02, why=REWARD_POINTS),
+            restores("gumbel_random", "randomized-Gumbel", "randomized Gumbel"),
+            detects("gumbel_random", "randomized-Gumbel", "")]
     if not found:
         raise UserError("reproduce needs scheme kgw and/or both gumbel and gumbel_random")
     return found
@@ -376,7 +382,7 @@ PIPELINE = Pipeline(
     sweep_mode="max",
     profiles={
         "quick": {"seeds": 2, "n_train": 1200, "n_prompts": 24, "temperatures": [0.7, 1.0], "pretrain_epochs": 5},
-        "full": {"seeds": 3, "n_train": 3000, "n_reward": 3000, "n_prompts": 100, "temperatures": [0.4, 0.8, 1.2],
+        "full": {"seeds": 5, "n_train": 3000, "n_reward": 3000, "n_prompts": 100, "temperatures": [0.4, 0.8, 1.2],
                  "pretrain_epochs": 8},
     },
 )
